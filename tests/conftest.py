@@ -1,0 +1,42 @@
+"""Shared fixtures: the real config, composed with Hydra and shrunk to tiny CPU runs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from vae_lab.cli import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+# The full MNIST / Fashion-MNIST IDX files: $VAE_LAB_DATA, else ../shared/data beside the checkout.
+DATA_ROOT = Path(os.environ.get("VAE_LAB_DATA", REPO.parent / "shared" / "data"))
+HAS_FULL_DATA = (DATA_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+needs_full_data = pytest.mark.skipif(not HAS_FULL_DATA, reason=f"no MNIST IDX files under {DATA_ROOT} (set VAE_LAB_DATA)")
+
+# Tiny, fast, CPU: the bundled 5,000-digit sample, 256 images per split, 2 epochs.
+TINY = [
+    "device=cpu",
+    "data=mnist_5k",
+    "data.limit=256",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "train.evaluate_at_end=false",
+    "evaluate.batch_size=128",
+    "evaluate.iw_samples=5",
+    "evaluate.embedding_points=256",
+    "evaluate.reconstruction_rows=2",
+    "evaluate.generation_samples=32",
+]
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=[*TINY, *overrides])
+
+
+@pytest.fixture
+def make_cfg():
+    """make_cfg("model.latent_dim=2", ...) -> the real config with TINY and these overrides."""
+    return compose_config

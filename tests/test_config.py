@@ -1,0 +1,81 @@
+"""Every option of every config group composes and builds what it names."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from conftest import DATA_ROOT, needs_full_data
+from vae_lab.cli import CONFIG_DIR
+from vae_lab.data import ImageData
+from vae_lab.loss import VAELoss
+from vae_lab.model import VAE
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def test_the_documented_options_exist():
+    assert options("model") == ["conv_vae", "mlp_vae"]
+    assert options("optim") == ["adam", "adamw", "sgd"]
+    assert options("scheduler") == ["cosine", "none", "steplr"]
+    assert options("loss") == ["bce_kl", "mse_kl"]
+    assert options("data") == ["fashion_mnist", "mnist", "mnist_5k"]
+
+
+def test_defaults_equal_the_reference_config():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config")
+    assert cfg.task == "train"
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.alpha) == (128, 90, 0.1)
+    assert (cfg.train.checkpoint_every, cfg.train.plot_every, cfg.train.resume) == (10, 10, None)
+    assert (cfg.evaluate.batch_size, cfg.evaluate.n_components) == (256, 2)
+    assert cfg.optim._target_ == "torch.optim.Adam" and cfg.optim.lr == 0.001
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.StepLR"
+    assert (cfg.scheduler.step_size, cfg.scheduler.gamma) == (30, 0.1)
+    assert cfg.loss.reconstruction == "bce" and cfg.data.name == "mnist"
+    assert cfg.model.latent_dim == 16
+
+
+@pytest.mark.parametrize("option", options("model"))
+def test_model_options_build(make_cfg, option):
+    model = instantiate(make_cfg(f"model={option}", "model.latent_dim=2").model)
+    assert isinstance(model, VAE) and model.latent_dim == 2
+    assert model(torch.rand(2, 1, 28, 28))[0].shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_optimizer_and_scheduler_options_build(make_cfg, optim, scheduler):
+    cfg = make_cfg(f"optim={optim}", f"scheduler={scheduler}", "optim.lr=0.5")
+    parameters = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = instantiate(cfg.optim)(parameters)
+    scheduler_ = instantiate(cfg.scheduler)(optimizer)
+    assert optimizer.param_groups[0]["lr"] == 0.5
+    parameters[0].sum().backward()
+    optimizer.step()
+    scheduler_.step()
+    assert not torch.equal(parameters[0].detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("option", options("loss"))
+def test_loss_options_take_alpha_from_train_alpha(make_cfg, option):
+    loss = instantiate(make_cfg(f"loss={option}", "train.alpha=0.37").loss)
+    assert isinstance(loss, VAELoss) and loss.alpha == 0.37
+    assert loss.reconstruction == option.split("_")[0]
+
+
+def test_bundled_data_option_builds(make_cfg):
+    data = instantiate(make_cfg("data=mnist_5k", "data.limit=null").data)
+    assert isinstance(data, ImageData) and data.name == "mnist_5k"
+    assert len(data.train_images) == 4000 and len(data.test_images) == 1000
+
+
+@needs_full_data
+@pytest.mark.parametrize("option", ["mnist", "fashion_mnist"])
+def test_torchvision_data_options_build(make_cfg, option):
+    data = instantiate(make_cfg(f"data={option}", f"data.root={DATA_ROOT}", "data.limit=100").data)
+    assert data.name == option and not data.fallback
+    assert data.train_images.shape == (100, 1, 28, 28) and data.test_labels.shape == (100,)

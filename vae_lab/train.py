@@ -1,0 +1,271 @@
+"""The train task: build everything from the config, run the epochs, write the artefacts.
+
+Per epoch: a training pass, a test pass, the scheduler step, one metrics.csv row and
+checkpoints/last.pt; every checkpoint_every epochs checkpoints/model_<epoch>.pt; every
+plot_every epochs progress/ images. At the end the loss curves, and (by default) the
+evaluate task on the last checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vae_lab import plots
+from vae_lab.checkpoint import load_checkpoint, load_model_weights, save_checkpoint, saved_config
+from vae_lab.engine import NonFiniteLossError, run_epoch
+from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.runtime import build, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = (
+    "epoch", "lr", "train_loss", "train_recon", "train_kl",
+    "test_loss", "test_recon", "test_kl", "train_seconds", "seconds", "data",
+)
+# What defines the experiment, and so comes from the checkpoint when resuming.
+EXPERIMENT_KEYS = ("model", "loss", "data", "optim", "scheduler", "seed")
+# Where the data lives describes this machine, not the experiment.
+MACHINE_DATA_KEYS = ("root", "download", "fallback")
+
+
+class TrainingInterrupted(VaeLabError):
+    """Ctrl-C or SIGTERM stopped training; the last completed epoch is checkpointed."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+def train(cfg: DictConfig, run_dir: Path) -> float:
+    """Train a VAE as `cfg` says, writing into `run_dir`; return the final test loss."""
+    device = resolve_device(cfg.device)
+    _refuse_used_run_dir(run_dir)
+    resumed = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
+    if resumed is not None:
+        cfg = _config_for_resume(cfg, resumed)
+    if resumed is not None and resumed["epoch"] >= cfg.train.epochs:
+        raise ConfigError(
+            f"train.epochs={cfg.train.epochs}: the checkpoint {cfg.train.resume} is already at epoch "
+            f"{resumed['epoch']}. Set train.epochs above {resumed['epoch']} to continue training."
+        )
+
+    seed_everything(cfg.seed)
+    data = build(cfg.data).to(device)
+    model = build(cfg.model).to(device)
+    loss_fn = build(cfg.loss)
+    optimizer = build(cfg.optim)(model.parameters())
+    scheduler = build(cfg.scheduler)(optimizer)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    if resumed is not None:
+        _restore(resumed, model, optimizer, scheduler, shuffle, device)
+        history = list(resumed["history"])
+        log.info("resumed from %s at epoch %d", cfg.train.resume, resumed["epoch"])
+    start_epoch = resumed["epoch"] if resumed is not None else 0
+
+    log.info(
+        "training %s (%d parameters) on %s: %s, %d train / %d test images; writing to %s",
+        type(model).__name__, sum(p.numel() for p in model.parameters()), device,
+        data.name, len(data.train_images), len(data.test_images), run_dir,
+    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    checkpoints = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.csv"
+    _write_metrics(metrics_path, history)
+    progress_inputs = _progress_inputs(data.test_images, model.latent_dim, cfg, device)
+    saved_epoch = start_epoch
+
+    def state(epoch: int) -> dict:
+        return {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(shuffle, device),
+            "config": config,
+            "history": history,
+            "data": data.name,
+        }
+
+    epoch = start_epoch
+    try:
+        with _sigterm_as_interrupt():
+            for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+                row = _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle)
+                history.append(row)
+                _append_metrics(metrics_path, row)
+                _save(state(epoch), checkpoints / "last.pt", saved_epoch)
+                saved_epoch = epoch
+                if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+                    _save(state(epoch), checkpoints / f"model_{epoch}.pt", saved_epoch)
+                if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
+                    _progress_images(model, progress_inputs, run_dir / "progress", epoch, cfg)
+    except NonFiniteLossError as error:
+        raise VaeLabError(
+            f"training diverged: {error} of epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch)} "
+            "Lower optim.lr (or train.alpha) before continuing."
+        ) from error
+    except KeyboardInterrupt as interrupt:
+        number = interrupt.args[0] if interrupt.args else signal.SIGINT
+        raise TrainingInterrupted(
+            f"interrupted during epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch)}", int(number)
+        ) from None
+
+    plots.loss_curves(history, run_dir / "progress" / "loss_curves.png")
+    final = history[-1]
+    log.info("done: test loss %.3f (recon %.3f, kl %.3f) after %d epochs", final["test_loss"], final["test_recon"], final["test_kl"], epoch)
+    if cfg.train.evaluate_at_end:
+        from vae_lab.evaluate import evaluate_checkpoint
+
+        evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
+    return final["test_loss"]
+
+
+def _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle) -> dict:
+    started = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
+    common = dict(amp=cfg.train.get("amp", False))
+    trained = run_epoch(
+        model, loss_fn, data.train_images, cfg.train.batch_size, optimizer=optimizer, generator=shuffle,
+        dynamic_binarization=data.dynamic_binarization, description=f"epoch {epoch}/{cfg.train.epochs}", **common,
+    )
+    train_seconds = time.perf_counter() - started
+    tested = run_epoch(model, loss_fn, data.test_images, cfg.evaluate.batch_size, description="test", **common)
+    scheduler.step()
+    seconds = time.perf_counter() - started
+    log.info(
+        "epoch %d/%d  train %.3f  test %.3f (recon %.3f, kl %.3f)  lr %.3g  %.1fs",
+        epoch, cfg.train.epochs, trained["loss"], tested["loss"], tested["recon"], tested["kl"], lr, seconds,
+    )
+    return {
+        "epoch": epoch, "lr": lr,
+        **{f"train_{k}": v for k, v in trained.items()},
+        **{f"test_{k}": v for k, v in tested.items()},
+        "train_seconds": round(train_seconds, 4), "seconds": round(seconds, 4), "data": data.name,
+    }
+
+
+def _refuse_used_run_dir(run_dir: Path) -> None:
+    if (run_dir / "metrics.csv").exists() or (run_dir / "checkpoints").exists():
+        raise VaeLabError(
+            f"{run_dir} already holds a training run; refusing to write over it. "
+            "Pick a new directory (hydra.run.dir=...) or let Hydra make one."
+        )
+
+
+def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
+    """The experiment as the checkpoint recorded it, with this run's train settings and data location."""
+    saved = saved_config(resumed, cfg.train.resume)
+    cfg = copy.deepcopy(cfg)
+    ignored = [key for key in EXPERIMENT_KEYS if _plain(cfg[key], MACHINE_DATA_KEYS) != _plain(saved[key], MACHINE_DATA_KEYS)]
+    if cfg.train.alpha != saved.train.alpha:
+        ignored.append("train.alpha")
+    if ignored:
+        log.warning("train.resume: %s come from the checkpoint; the values given now are ignored", ", ".join(ignored))
+    with open_dict(cfg):
+        machine = {key: cfg.data[key] for key in MACHINE_DATA_KEYS}
+        for key in EXPERIMENT_KEYS:
+            cfg[key] = saved[key]
+        cfg.data.update(machine)
+        cfg.train.alpha = saved.train.alpha
+    return cfg
+
+
+def _plain(node, drop=()) -> object:
+    value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    return {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) else value
+
+
+def _restore(resumed: dict, model, optimizer, scheduler, shuffle: torch.Generator, device: torch.device) -> None:
+    load_model_weights(model, resumed, "the checkpoint")
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    rng = resumed["rng"]
+    torch.set_rng_state(rng["torch"])
+    shuffle.set_state(rng["shuffle"])
+    if device.type == "cuda" and rng.get("cuda"):
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "shuffle": shuffle.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+    }
+
+
+def _save(state: dict, path: Path, saved_epoch: int) -> None:
+    try:
+        save_checkpoint(state, path)
+    except OSError as error:
+        raise VaeLabError(
+            f"cannot write {path}: {error.strerror or error}. "
+            f"{_where_to_resume(path.parent, saved_epoch)} Free space or fix permissions, then resume."
+        ) from error
+
+
+def _where_to_resume(checkpoints: Path, saved_epoch: int) -> str:
+    if saved_epoch == 0:
+        return "No checkpoint was written."
+    last = checkpoints / "last.pt"
+    return f"{last} holds epoch {saved_epoch}; continue with: python run.py task=train train.resume={last}"
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _append_metrics(path: Path, row: dict) -> None:
+    with path.open("a", newline="") as file:
+        csv.DictWriter(file, fieldnames=METRIC_COLUMNS).writerow(row)
+
+
+def _progress_inputs(test_images: torch.Tensor, latent_dim: int, cfg: DictConfig, device) -> dict:
+    """The same test images and the same z for every progress figure, so epochs compare."""
+    count = cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return {"images": test_images[:count], "z": torch.randn(count, latent_dim, generator=generator).to(device)}
+
+
+@torch.no_grad()
+def _progress_images(model, inputs: dict, folder: Path, epoch: int, cfg: DictConfig) -> None:
+    model.eval()
+    per_row = cfg.evaluate.images_per_row
+    mu, _ = model.encode(inputs["images"])
+    plots.reconstruction_grid(
+        inputs["images"], model.decode(mu), folder / f"reconstruction_{epoch:04d}.png",
+        per_row=per_row, title=f"Reconstructions after epoch {epoch} (odd rows: originals, even rows: reconstructions)",
+    )
+    plots.image_grid(model.decode(inputs["z"]), folder / f"samples_{epoch:04d}.png", nrow=per_row,
+                     title=f"Samples from z ~ N(0, I) after epoch {epoch}")
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C for the duration, so both stop between safe points."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signal_number, _frame):
+        raise KeyboardInterrupt(signal_number)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,78 @@
+"""Config checks that run before any work, each failing with one line: setting, value, what is allowed."""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from vae_lab.errors import ConfigError
+from vae_lab.loss import RECONSTRUCTIONS
+from vae_lab.data import BUNDLED, DATASETS, VARIANTS
+
+EMBEDDINGS = ("pca", "tsne")
+N_COMPONENTS = (2, 3)
+
+
+def validate(cfg: DictConfig, tasks: Iterable[str]) -> None:
+    """Raise ConfigError naming the first setting of `cfg` whose value is not allowed."""
+    _one_of(cfg, "task", tuple(tasks))
+    _device(cfg.device)
+    for key in ("train.batch_size", "train.epochs", "train.checkpoint_every", "train.plot_every", "model.latent_dim",
+                "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
+                "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points"):
+        _check(cfg, key, _is_positive_int, "a whole number >= 1")
+    _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
+    _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
+    _check(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
+    _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
+    _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
+    _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
+    _one_of(cfg, "data.name", DATASETS)
+    _one_of(cfg, "data.binarize", tuple(VARIANTS))
+    _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
+    root = OmegaConf.select(cfg, "data.root")
+    if cfg.data.name != BUNDLED and root is not None and Path(str(root)).expanduser().is_file():
+        raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], allowed: str) -> None:
+    if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+        return  # not every model or optimizer has every key
+    value = OmegaConf.select(cfg, key)
+    if not ok(value):
+        raise ConfigError(f"{key}={value!r} is not allowed: use {allowed}")
+
+
+def _one_of(cfg: DictConfig, key: str, allowed: tuple) -> None:
+    _check(cfg, key, lambda v: v in allowed, "one of " + ", ".join(map(str, allowed)))
+
+
+def _device(name: str) -> None:
+    allowed = "auto, cpu, cuda, cuda:N or mps"
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r} is not allowed: use {allowed}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but this machine has no CUDA GPU: use device=cpu or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device={name} but MPS is not available here: use device=cpu or device=auto")
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r} is not allowed: use {allowed}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
