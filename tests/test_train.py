@@ -8,7 +8,7 @@ import torch
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.errors import ConfigError
-from vae_lab.train import METRIC_COLUMNS
+from vae_lab.loggers import METRIC_COLUMNS
 
 
 def read_metrics(run_dir):

@@ -18,8 +18,11 @@ PADDING = 2
 DPI = 100
 
 
-def image_grid(images: torch.Tensor, path: Path, *, nrow: int, title: str, row_labels: Sequence[str] = ()) -> Path:
-    """Save images (N, 1, H, W) in [0, 1] as a titled grid with `nrow` images per row."""
+def image_grid(images: torch.Tensor, path: Path, *, nrow: int, title: str, row_labels: Sequence[str] = ()) -> torch.Tensor:
+    """Save images (N, 1, H, W) in [0, 1] as a titled grid with `nrow` images per row.
+
+    Returns the grid itself, (3, H', W'), for loggers that keep images too.
+    """
     grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=PADDING, pad_value=1.0)
     pixels = grid[0].numpy()  # (rows * (H + pad) + pad, cols * (W + pad) + pad)
     height, width = pixels.shape
@@ -34,10 +37,11 @@ def image_grid(images: torch.Tensor, path: Path, *, nrow: int, title: str, row_l
         ax.tick_params(axis="y", length=0)
     else:
         ax.set_yticks([])
-    return _save(figure, path)
+    _save(figure, path)
+    return grid
 
 
-def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path, *, per_row: int, title: str) -> Path:
+def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: Path, *, per_row: int, title: str) -> torch.Tensor:
     """Pairs of rows: odd rows originals, even rows their reconstructions (the reference's layout).
 
     originals, reconstructions: (R * per_row, 1, H, W).

@@ -8,7 +8,6 @@ evaluate task on the last checkpoint.
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 import signal
 import threading
@@ -27,10 +26,6 @@ from vae_lab.runtime import build, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = (
-    "epoch", "lr", "train_loss", "train_recon", "train_kl",
-    "test_loss", "test_recon", "test_kl", "train_seconds", "seconds", "data",
-)
 # What defines the experiment, and so comes from the checkpoint when resuming.
 EXPERIMENT_KEYS = ("model", "loss", "data", "optim", "scheduler", "seed")
 # Where the data lives describes this machine, not the experiment.
@@ -79,8 +74,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     )
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoints = run_dir / "checkpoints"
-    metrics_path = run_dir / "metrics.csv"
-    _write_metrics(metrics_path, history)
+    logger = build(cfg.logger)(run_dir)
+    logger.start(history)
     progress_inputs = _progress_inputs(data.test_images, model.latent_dim, cfg, device)
     saved_epoch = start_epoch
 
@@ -102,13 +97,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
                 row = _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle)
                 history.append(row)
-                _append_metrics(metrics_path, row)
+                logger.log_epoch(row)
                 _save(state(epoch), checkpoints / "last.pt", saved_epoch)
                 saved_epoch = epoch
                 if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                     _save(state(epoch), checkpoints / f"model_{epoch}.pt", saved_epoch)
                 if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
-                    _progress_images(model, progress_inputs, run_dir / "progress", epoch, cfg)
+                    _progress_images(model, progress_inputs, run_dir / "progress", epoch, cfg, logger)
     except NonFiniteLossError as error:
         raise VaeLabError(
             f"training diverged: {error} of epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch)} "
@@ -119,6 +114,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         raise TrainingInterrupted(
             f"interrupted during epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch)}", int(number)
         ) from None
+    finally:
+        logger.close()
 
     plots.loss_curves(history, run_dir / "progress" / "loss_curves.png")
     final = history[-1]
@@ -221,19 +218,6 @@ def _where_to_resume(checkpoints: Path, saved_epoch: int) -> str:
     return f"{last} holds epoch {saved_epoch}; continue with: python run.py task=train train.resume={last}"
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _append_metrics(path: Path, row: dict) -> None:
-    with path.open("a", newline="") as file:
-        csv.DictWriter(file, fieldnames=METRIC_COLUMNS).writerow(row)
-
-
 def _progress_inputs(test_images: torch.Tensor, latent_dim: int, cfg: DictConfig, device) -> dict:
     """The same test images and the same z for every progress figure, so epochs compare."""
     count = cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row
@@ -242,16 +226,18 @@ def _progress_inputs(test_images: torch.Tensor, latent_dim: int, cfg: DictConfig
 
 
 @torch.no_grad()
-def _progress_images(model, inputs: dict, folder: Path, epoch: int, cfg: DictConfig) -> None:
+def _progress_images(model, inputs: dict, folder: Path, epoch: int, cfg: DictConfig, logger) -> None:
     model.eval()
     per_row = cfg.evaluate.images_per_row
     mu, _ = model.encode(inputs["images"])
-    plots.reconstruction_grid(
+    reconstruction = plots.reconstruction_grid(
         inputs["images"], model.decode(mu), folder / f"reconstruction_{epoch:04d}.png",
         per_row=per_row, title=f"Reconstructions after epoch {epoch} (odd rows: originals, even rows: reconstructions)",
     )
-    plots.image_grid(model.decode(inputs["z"]), folder / f"samples_{epoch:04d}.png", nrow=per_row,
-                     title=f"Samples from z ~ N(0, I) after epoch {epoch}")
+    samples = plots.image_grid(model.decode(inputs["z"]), folder / f"samples_{epoch:04d}.png", nrow=per_row,
+                               title=f"Samples from z ~ N(0, I) after epoch {epoch}")
+    logger.log_images("reconstruction", reconstruction, epoch)
+    logger.log_images("samples", samples, epoch)
 
 
 @contextmanager

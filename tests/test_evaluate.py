@@ -1,0 +1,120 @@
+"""The evaluate task: the round trip from training, the likelihood report, the figures."""
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from vae_lab.checkpoint import load_checkpoint
+from vae_lab.cli import run_task
+from vae_lab.errors import VaeLabError
+from vae_lab.metrics import active_units, importance_weighted_nll
+from vae_lab.model import ConvVAE
+
+FIGURES = ["reconstruction.png", "random_generation.png", "latent_embedding.png", "latent_traversal.png", "kl_per_dimension.png"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny 2-epoch ConvVAE run directory, shared by the tests that only read it."""
+    from conftest import compose_config
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    run_task(compose_config("model.latent_dim=4"), run_dir)
+    return run_dir
+
+
+def last_metrics_row(run_dir):
+    with (run_dir / "metrics.csv").open() as file:
+        return list(csv.DictReader(file))[-1]
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.verify()
+        assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
+    # Only the checkpoint is named: latent_dim=4 comes back from the file.
+    neg_elbo = run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path)
+    report = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    row = last_metrics_row(trained)
+    assert report["objective"] == pytest.approx(float(row["test_loss"]), abs=1e-4)
+    assert report["recon"] == pytest.approx(float(row["test_recon"]), abs=1e-4)
+    assert report["neg_elbo"] == pytest.approx(report["recon"] + report["kl"]) == neg_elbo
+    assert report["epoch"] == 2 and report["latent_dim"] == 4 and report["alpha"] == 0.1
+    assert report["checkpoint"] == str((trained / "checkpoints" / "last.pt").resolve())
+    assert report["data"] == "mnist_5k" and report["data_variant"] == "intensities in [0, 1]"
+    assert report["iw_nll"] <= report["neg_elbo"] + 1.0
+    assert 0 <= report["active_units"] <= 4 and len(report["kl_per_dimension"]) == 4
+    assert 0 < report["mse_per_pixel"] < 1
+    for name in FIGURES:
+        assert_png(tmp_path / "results" / name)
+    assert "likelihood report" in (tmp_path / "run.log").read_text()
+
+
+def test_iw_bound_is_below_the_elbo_and_tightens_with_k(trained):
+    state = load_checkpoint(trained / "checkpoints" / "last.pt")
+    model = ConvVAE(latent_dim=4)
+    model.load_state_dict(state["model"])
+    from vae_lab.data import load_dataset
+
+    images = load_dataset("mnist_5k", limit=128).test_images
+    bounds = [importance_weighted_nll(model, images, k, "bce", batch_size=64) for k in (1, 10, 100)]
+    assert bounds[0] > bounds[1] > bounds[2]
+    # 5,000 samples in chunks of 512 decodings: bounded memory, still tighter.
+    assert importance_weighted_nll(model, images[:4], 5000, "bce", batch_size=64, chunk=512) < bounds[1] + 1.0
+
+
+def test_iw_bound_with_one_sample_is_the_elbo_in_expectation():
+    torch.manual_seed(0)
+    model = ConvVAE(latent_dim=2).eval()
+    images = torch.rand(16, 1, 28, 28).round()
+    from vae_lab.engine import run_epoch
+    from vae_lab.loss import VAELoss
+
+    elbo = run_epoch(model, VAELoss("bce", 1.0), images, 16)
+    iw = [importance_weighted_nll(model, images, 1, "bce", batch_size=16, seed=s) for s in range(20)]
+    assert sum(iw) / len(iw) == pytest.approx(elbo["loss"], rel=0.01)
+
+
+def test_active_units_on_a_constructed_case():
+    torch.manual_seed(0)
+    mu = torch.randn(1000, 3) * torch.tensor([1.0, 0.03, 0.5])  # variances 1, 0.0009, 0.25
+    assert active_units(mu).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("overrides, latent_dim", [
+    (["model=mlp_vae", "model.latent_dim=2"], 2),  # drawn as it is; traversal over the prior's quantiles
+    (["evaluate.n_components=3", "evaluate.embedding=tsne"], 16),  # 3-D t-SNE; interpolations
+    (["model.latent_dim=1", "data.binarize=dynamic"], 1),
+])
+def test_figures_for_every_latent_shape(make_cfg, tmp_path, overrides, latent_dim):
+    run_task(make_cfg("train.epochs=1", "data.limit=128", "train.evaluate_at_end=true", *overrides), tmp_path)
+    for name in FIGURES:
+        assert_png(tmp_path / "results" / name)
+    report = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert report["latent_dim"] == latent_dim == len(report["kl_per_dimension"])
+
+
+def test_binarized_data_is_reported_as_such(make_cfg, tmp_path):
+    run_task(make_cfg("train.epochs=1", "data.limit=64", "data.binarize=static", "train.evaluate_at_end=true"), tmp_path)
+    report = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert report["binarize"] == "static" and report["data_variant"].startswith("statically binarized")
+
+
+def test_evaluate_without_a_checkpoint_says_how(make_cfg, tmp_path):
+    with pytest.raises(VaeLabError, match="evaluate.checkpoint is not set: pass evaluate.checkpoint=PATH"):
+        run_task(make_cfg("task=evaluate"), tmp_path)
+
+
+def test_existing_results_are_not_written_over(make_cfg, trained, tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.json").write_text("{}")
+    with pytest.raises(VaeLabError, match="already holds results"):
+        run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path)
+    assert (tmp_path / "results" / "metrics.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".results")] == []
