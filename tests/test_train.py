@@ -120,3 +120,15 @@ def test_a_used_run_directory_is_not_written_over(make_cfg, tmp_path):
     with pytest.raises(Exception, match="already holds a training run"):
         run_task(make_cfg("train.epochs=1", "data.limit=64"), tmp_path)
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_tensorboard_logger_writes_scalars_and_images_beside_metrics_csv(make_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_task(make_cfg("logger=tensorboard", "train.plot_every=1"), tmp_path)
+    assert len(read_metrics(tmp_path)) == 2
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert {"loss/train", "loss/test", "recon/test", "kl/test", "lr"} <= set(events.Tags()["scalars"])
+    test_loss = [event.value for event in events.Scalars("loss/test")]
+    assert test_loss == pytest.approx([float(r["test_loss"]) for r in read_metrics(tmp_path)])
+    assert {"reconstruction", "samples"} <= set(events.Tags()["images"])

@@ -41,7 +41,11 @@ class TrainingInterrupted(VaeLabError):
 
 
 def train(cfg: DictConfig, run_dir: Path) -> float:
-    """Train a VAE as `cfg` says, writing into `run_dir`; return the final test loss."""
+    """Train a VAE as `cfg` says, writing into `run_dir`.
+
+    Returns the final test loss (or, with train.return_metric=test_neg_elbo, the test
+    -ELBO at alpha = 1, which compares across alphas) for sweepers to minimise.
+    """
     device = resolve_device(cfg.device)
     _refuse_used_run_dir(run_dir)
     resumed = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
@@ -124,7 +128,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         from vae_lab.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
-    return final["test_loss"]
+    return_metric = cfg.train.get("return_metric", "test_loss")
+    return final["test_recon"] + final["test_kl"] if return_metric == "test_neg_elbo" else final["test_loss"]
 
 
 def _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle) -> dict:

@@ -14,6 +14,7 @@ from vae_lab.data import BUNDLED, DATASETS, VARIANTS
 
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)
+RETURN_METRICS = ("test_loss", "test_neg_elbo")
 
 
 def validate(cfg: DictConfig, tasks: Iterable[str]) -> None:
@@ -28,6 +29,7 @@ def validate(cfg: DictConfig, tasks: Iterable[str]) -> None:
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     _check(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
     _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
+    _one_of(cfg, "train.return_metric", RETURN_METRICS)
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
     _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
     _one_of(cfg, "data.name", DATASETS)

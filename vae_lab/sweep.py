@@ -1,0 +1,172 @@
+"""Sweep summaries: one table and one plot for a whole multirun.
+
+Everything is read back from the job directories (their .hydra/overrides.yaml,
+job.json, results/metrics.json and metrics.csv), so the same code serves the Hydra
+callback at the end of a sweep, with any launcher, and `task=summarize` on an
+existing or interrupted sweep.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from vae_lab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"  # written by the CLI for every multirun job: status, error, seconds
+METRICS = ("neg_elbo", "recon", "kl", "iw_nll", "active_units", "objective")
+MAIN_METRIC = "neg_elbo"
+
+
+class SweepSummary(Callback):
+    """Hydra callback: when a multirun ends, write summary.csv, summary.md and summary.png.
+
+    If any job failed, say so and exit with status 1 once the summary is written.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows, swept = write_summary(sweep_dir)
+        print(markdown_table(rows, swept))
+        print(f"sweep summary: {sweep_dir / 'summary.md'}, {sweep_dir / 'summary.csv'}, {sweep_dir / 'summary.png'}")
+        failed = [row for row in rows if row["status"] != "completed"]
+        if failed:
+            print(f"error: {len(failed)} of {len(rows)} jobs did not complete: "
+                  + "; ".join(f"job {row['job']}: {row['status']} {row['error']}".strip() for row in failed),
+                  file=sys.stderr)
+            sys.exit(1)
+
+
+def summarize(cfg: DictConfig, run_dir: Path) -> float:
+    """The task: rebuild the summary of cfg.summarize.sweep_dir; return the best main metric."""
+    sweep_dir = cfg.summarize.sweep_dir
+    if not sweep_dir:
+        raise ConfigError("summarize.sweep_dir is not set: pass summarize.sweep_dir=multirun/<date>/<time>")
+    rows, swept = write_summary(Path(sweep_dir))
+    log.info("summary of %d jobs written to %s\n%s", len(rows), Path(sweep_dir) / "summary.md", markdown_table(rows, swept))
+    values = [row[MAIN_METRIC] for row in rows if isinstance(row[MAIN_METRIC], float)]
+    return min(values) if values else math.nan
+
+
+def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
+    """Read every job of `sweep_dir`, write summary.csv, summary.md and summary.png there.
+
+    Returns the rows and the swept override keys.
+    """
+    if not sweep_dir.is_dir():
+        raise ConfigError(f"summarize.sweep_dir={sweep_dir} is not a folder: pass a multirun/<date>/<time> directory")
+    jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()), key=_job_order)
+    if not jobs:
+        raise ConfigError(f"summarize.sweep_dir={sweep_dir} holds no Hydra jobs (no */.hydra/overrides.yaml)")
+    rows = [job_row(job) for job in jobs]
+    swept = swept_keys(rows)
+    columns = ["job", "status", *swept, *METRICS, "epochs", "seconds", "error", "overrides"]
+    with (sweep_dir / "summary.csv").open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{markdown_table(rows, swept)}\n")
+    _plot(rows, swept, sweep_dir / "summary.png")
+    return rows, swept
+
+
+def job_row(job_dir: Path) -> dict:
+    """One job's overrides, status, final test metrics and wall time."""
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    row = {"job": job_dir.name, "overrides": " ".join(overrides), "params": dict(o.split("=", 1) for o in overrides if "=" in o)}
+    status = json.loads((job_dir / JOB_FILE).read_text()) if (job_dir / JOB_FILE).is_file() else {}
+    row["status"] = status.get("status", "not finished")
+    row["error"] = status.get("error", "")
+    row["seconds"] = status.get("seconds", "")
+    history = _read_metrics(job_dir / "metrics.csv")
+    row["epochs"] = int(history[-1]["epoch"]) if history else 0
+    results = job_dir / "results" / "metrics.json"
+    if results.is_file():
+        report = json.loads(results.read_text())
+        row.update({key: report.get(key, "") for key in METRICS})
+    elif history:  # no evaluation: the last epoch's test pass
+        last = history[-1]
+        recon, kl = float(last["test_recon"]), float(last["test_kl"])
+        row.update(neg_elbo=recon + kl, recon=recon, kl=kl, iw_nll="", active_units="", objective=float(last["test_loss"]))
+    else:
+        row.update({key: "" for key in METRICS})
+    if row["status"] == "not finished" and history:
+        row["status"] = f"not finished (epoch {row['epochs']})"
+    return row
+
+
+def swept_keys(rows: list[dict]) -> list[str]:
+    """The override keys whose values differ between jobs, in the order first seen."""
+    keys = list(dict.fromkeys(key for row in rows for key in row["params"]))
+    swept = [key for key in keys if len({row["params"].get(key) for row in rows}) > 1]
+    for row in rows:
+        row.update({key: row["params"].get(key, "") for key in swept})
+    return swept
+
+
+def markdown_table(rows: list[dict], swept: list[str]) -> str:
+    columns = ["job", *swept, "status", *METRICS, "epochs", "seconds"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |" for row in rows]
+    errors = [f"- job {row['job']}: {row['error']}" for row in rows if row["error"]]
+    return "\n".join(lines + ([""] + errors if errors else []))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value).replace("|", "\\|")
+
+
+def _plot(rows: list[dict], swept: list[str], path: Path) -> None:
+    """The main metric against the first swept parameter, one line per value of the second."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    x_key = swept[0] if swept else "job"
+    hue_key = swept[1] if len(swept) > 1 else None
+    done = [row for row in rows if isinstance(row[MAIN_METRIC], float)]
+    x = [_number(row[x_key]) for row in done]
+    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
+    ax = figure.add_subplot()
+    if done:
+        # With more than two swept keys, the remaining ones are averaged over.
+        sns.lineplot(x=x, y=[row[MAIN_METRIC] for row in done], hue=[row[hue_key] for row in done] if hue_key else None,
+                     marker="o", errorbar=None, ax=ax)
+        if hue_key:
+            ax.legend(title=hue_key)
+    if x and all(isinstance(v, float) and v > 0 for v in x) and max(x) / min(x) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(x_key)
+    ax.set_ylabel("test -ELBO (nats per image)")
+    ax.set_title(f"Sweep: test -ELBO by {x_key}" + (f", one line per {hue_key}" if hue_key else "")
+                 + (f" ({len(rows) - len(done)} jobs without a result)" if len(done) < len(rows) else ""))
+    ax.grid(alpha=0.3)
+    figure.savefig(path)
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open() as file:
+        return list(csv.DictReader(file))
+
+
+def _job_order(path: Path):
+    return (0, int(path.name), "") if path.name.isdigit() else (1, 0, path.name)
