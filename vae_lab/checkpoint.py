@@ -77,6 +77,11 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read and check a checkpoint file (or a run directory's last.pt); never runs code from it."""
     path = resolve_checkpoint_path(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated, corrupted or not a PyTorch file (not a zip archive). "
+            "Use another checkpoint, e.g. an earlier checkpoints/model_<epoch>.pt."
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

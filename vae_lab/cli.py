@@ -9,7 +9,9 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -18,8 +20,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vae_lab.errors import VaeLabError
-from vae_lab.runtime import log_file
 from vae_lab.validate import validate
+
+# Nothing here imports torch: a config error or `--help` answers in a fraction of a second.
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +58,43 @@ def _summarize(cfg, run_dir):
     return summarize(cfg, run_dir)
 
 
-TASKS = {"train": _train, "evaluate": _evaluate, "summarize": _summarize}
+TASK_FUNCTIONS = {"train": _train, "evaluate": _evaluate, "summarize": _summarize}
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def run_task(cfg: DictConfig, run_dir: Path):
     """Check the config, then run the task it names with `run_dir` as the run directory."""
-    validate(cfg, TASKS)
+    validate(cfg)
     with log_file(run_dir / "run.log"):
-        return TASKS[cfg.task](cfg, run_dir)
+        return TASK_FUNCTIONS[cfg.task](cfg, run_dir)
+
+
+@contextmanager
+def log_file(path: Path):
+    """Send vae_lab's INFO log to `path` for the duration, unless Hydra already does.
+
+    Under `python run.py` Hydra's job logging writes run.log; when a task is called
+    directly (tests, notebooks) this gives it the same file.
+    """
+    target = str(path.resolve())
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == target for h in logging.getLogger().handlers):
+        yield
+        return
+    package = logging.getLogger("vae_lab")
+    old_level = package.level
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    package.addHandler(handler)
+    if package.getEffectiveLevel() > logging.INFO:
+        package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(old_level)
+        handler.close()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -113,9 +145,36 @@ def _missing_plugin(arguments: list[str]) -> str | None:
     return None
 
 
+def _output_dir_problem(arguments: list[str]) -> str | None:
+    """Why an explicitly named run or sweep directory must not be used, checked before Hydra writes to it.
+
+    Hydra writes its .hydra record into the directory before any task runs, so a
+    directory that already holds a run would lose that record; one that cannot be
+    created would end in a traceback. (The default directories carry the time to the
+    microsecond, so they are always new.)
+    """
+    for argument in arguments:
+        key, _, value = argument.partition("=")
+        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
+            continue
+        target = Path(value).expanduser().absolute()
+        if target.is_dir() and any(target.iterdir()):
+            return f"error: {key}={value} already holds files; refusing to write over them. Choose a new or empty folder."
+        existing = target
+        while not existing.exists():
+            existing = existing.parent
+        try:
+            if not existing.is_dir():
+                raise NotADirectoryError(f"{existing} is a file")
+            Path(tempfile.mkdtemp(dir=existing)).rmdir()  # can we create something there?
+        except OSError as error:
+            return f"error: {key}={value}: cannot create it ({getattr(error, 'strerror', None) or error}). Choose a writable folder."
+    return None
+
+
 def main() -> None:
-    """`python run.py` / `vae-lab`: refuse early when an optional plugin is missing, then run Hydra."""
-    message = _missing_plugin(sys.argv[1:])
+    """`python run.py` / `vae-lab`: refuse early what Hydra would report badly, then run Hydra."""
+    message = _missing_plugin(sys.argv[1:]) or _output_dir_problem(sys.argv[1:])
     if message:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from vae_lab.errors import VaeLabError
+from vae_lab.options import BINARIZE, DATASETS
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
 BUNDLED = "mnist_5k"
 DIGITS = tuple(str(d) for d in range(10))
 CLASS_NAMES = {
@@ -86,8 +86,8 @@ def load_dataset(
     """Read a data set into CPU tensors; see conf/data/*.yaml for the arguments."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {DATASETS}")
-    if binarize not in VARIANTS:
-        raise ValueError(f"unknown binarize {binarize!r}; choose one of {tuple(VARIANTS)}")
+    if binarize not in BINARIZE:
+        raise ValueError(f"unknown binarize {binarize!r}; choose one of {BINARIZE}")
     if name == BUNDLED:
         splits = _bundled_sample()
         used, fell_back = name, False

@@ -87,10 +87,16 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
         "mse_per_pixel": reconstruction_mse(model, images, ev.batch_size),
         "iw_seconds": round(iw_seconds, 3),
     }
-    with _staging(results_dir) as folder:
-        _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        with _staging(results_dir) as folder:
+            _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
+            report["seconds"] = round(time.perf_counter() - started, 3)
+            (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as error:
+        raise VaeLabError(
+            f"cannot write the results to {results_dir}: {error.strerror or error}. "
+            "Nothing was left half-written; free space or evaluate into another run directory."
+        ) from error
     _log_report(report)
     return report
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-RECONSTRUCTIONS = ("bce", "mse")
+from vae_lab.options import RECONSTRUCTIONS
 
 
 class LossTerms(NamedTuple):

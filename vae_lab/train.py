@@ -102,26 +102,31 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 row = _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle)
                 history.append(row)
                 logger.log_epoch(row)
-                _save(state(epoch), checkpoints / "last.pt", saved_epoch)
+                save_checkpoint(state(epoch), checkpoints / "last.pt")
                 saved_epoch = epoch
                 if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
-                    _save(state(epoch), checkpoints / f"model_{epoch}.pt", saved_epoch)
+                    save_checkpoint(state(epoch), checkpoints / f"model_{epoch}.pt")
                 if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
                     _progress_images(model, progress_inputs, run_dir / "progress", epoch, cfg, logger)
+            plots.loss_curves(history, run_dir / "progress" / "loss_curves.png")
     except NonFiniteLossError as error:
         raise VaeLabError(
-            f"training diverged: {error} of epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch)} "
+            f"training diverged: {error} of epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} "
             "Lower optim.lr (or train.alpha) before continuing."
+        ) from error
+    except OSError as error:  # a full disk, a folder that became unwritable
+        raise VaeLabError(
+            f"cannot write to {getattr(error, 'filename', None) or run_dir} in epoch {epoch}: {error.strerror or error}. "
+            f"{_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} Free space or fix permissions first."
         ) from error
     except KeyboardInterrupt as interrupt:
         number = interrupt.args[0] if interrupt.args else signal.SIGINT
         raise TrainingInterrupted(
-            f"interrupted during epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch)}", int(number)
+            f"interrupted during epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)}", int(number)
         ) from None
     finally:
         logger.close()
 
-    plots.loss_curves(history, run_dir / "progress" / "loss_curves.png")
     final = history[-1]
     log.info("done: test loss %.3f (recon %.3f, kl %.3f) after %d epochs", final["test_loss"], final["test_recon"], final["test_kl"], epoch)
     if cfg.train.evaluate_at_end:
@@ -206,21 +211,11 @@ def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict:
     }
 
 
-def _save(state: dict, path: Path, saved_epoch: int) -> None:
-    try:
-        save_checkpoint(state, path)
-    except OSError as error:
-        raise VaeLabError(
-            f"cannot write {path}: {error.strerror or error}. "
-            f"{_where_to_resume(path.parent, saved_epoch)} Free space or fix permissions, then resume."
-        ) from error
-
-
-def _where_to_resume(checkpoints: Path, saved_epoch: int) -> str:
+def _where_to_resume(checkpoints: Path, saved_epoch: int, epochs: int) -> str:
     if saved_epoch == 0:
         return "No checkpoint was written."
     last = checkpoints / "last.pt"
-    return f"{last} holds epoch {saved_epoch}; continue with: python run.py task=train train.resume={last}"
+    return f"{last} holds epoch {saved_epoch}; continue with: python run.py task=train train.resume={last} train.epochs={epochs}"
 
 
 def _progress_inputs(test_images: torch.Tensor, latent_dim: int, cfg: DictConfig, device) -> dict:

@@ -2,24 +2,18 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lab.errors import ConfigError
-from vae_lab.loss import RECONSTRUCTIONS
-from vae_lab.data import BUNDLED, DATASETS, VARIANTS
-
-EMBEDDINGS = ("pca", "tsne")
-N_COMPONENTS = (2, 3)
-RETURN_METRICS = ("test_loss", "test_neg_elbo")
+from vae_lab.options import BINARIZE, DATASETS, EMBEDDINGS, N_COMPONENTS, RECONSTRUCTIONS, RETURN_METRICS, TASKS
 
 
-def validate(cfg: DictConfig, tasks: Iterable[str]) -> None:
+def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first setting of `cfg` whose value is not allowed."""
-    _one_of(cfg, "task", tuple(tasks))
+    _one_of(cfg, "task", TASKS)
     _device(cfg.device)
     for key in ("train.batch_size", "train.epochs", "train.checkpoint_every", "train.plot_every", "model.latent_dim",
                 "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
@@ -33,10 +27,10 @@ def validate(cfg: DictConfig, tasks: Iterable[str]) -> None:
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
     _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
     _one_of(cfg, "data.name", DATASETS)
-    _one_of(cfg, "data.binarize", tuple(VARIANTS))
+    _one_of(cfg, "data.binarize", BINARIZE)
     _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
     root = OmegaConf.select(cfg, "data.root")
-    if cfg.data.name != BUNDLED and root is not None and Path(str(root)).expanduser().is_file():
+    if cfg.data.name != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
         raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")
 
 
@@ -54,8 +48,9 @@ def _one_of(cfg: DictConfig, key: str, allowed: tuple) -> None:
 
 def _device(name: str) -> None:
     allowed = "auto, cpu, cuda, cuda:N or mps"
-    if name == "auto":
+    if name in ("auto", "cpu"):
         return
+    import torch  # only here: a config error should not wait for torch to load
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
