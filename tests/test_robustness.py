@@ -188,9 +188,9 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_payload(files, tm
 
 
 def test_a_nan_loss_keeps_the_last_good_checkpoint_and_says_how_to_resume(monkeypatch, tmp_path):
-    import vae_lab.engine as engine
+    import vae_lab.train as train
 
-    real, calls = engine.elbo_terms, {"n": 0}
+    real, calls = train.elbo_terms, {"n": 0}
 
     def poisoned(model, loss_fn, x, noise=None):
         terms = real(model, loss_fn, x, noise)
@@ -200,7 +200,7 @@ def test_a_nan_loss_keeps_the_last_good_checkpoint_and_says_how_to_resume(monkey
                 return type(terms)(terms.total * float("nan"), terms.recon, terms.kl)
         return terms
 
-    monkeypatch.setattr(engine, "elbo_terms", poisoned)
+    monkeypatch.setattr(train, "elbo_terms", poisoned)  # the step function the train task hands the engine
     with pytest.raises(VaeLabError) as error:
         run_task(compose_config("train.epochs=3"), tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"

@@ -24,11 +24,14 @@ import zipfile
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab.errors import CheckpointError
 
 FORMAT = "vae_lab/1"
+# Where the data lives describes the machine, not the experiment: these data settings
+# always come from the current config, never from a checkpoint.
+MACHINE_DATA_KEYS = ("root", "download", "fallback")
 REQUIRED_KEYS = ("format", "epoch", "model", "config")
 
 
@@ -140,6 +143,17 @@ def _target_paths(node, prefix: str = "") -> list[str]:
     if isinstance(node, list):
         return [path for i, value in enumerate(node) for path in _target_paths(value, f"{prefix}{i}.")]
     return []
+
+
+def data_config_here(state: dict, saved: DictConfig, current_data: DictConfig) -> DictConfig:
+    """The checkpoint's data config: the data set it actually used (after any fallback),
+    at this machine's data location (root, download, fallback come from `current_data`)."""
+    data = saved.data.copy()
+    with open_dict(data):
+        data.name = state.get("data", data.name)
+        for key in MACHINE_DATA_KEYS:
+            data[key] = current_data[key]
+    return data
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:

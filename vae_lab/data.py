@@ -52,12 +52,13 @@ class ImageData:
     binarize: str = "none"
     fallback: bool = False  # True when `name` replaced the data set asked for
 
-    def to(self, device: torch.device | str) -> ImageData:
+    def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> ImageData:
+        """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions)."""
         return replace(
             self,
-            train_images=self.train_images.to(device),
+            train_images=self.train_images.to(device, memory_format=memory_format),
             train_labels=self.train_labels.to(device),
-            test_images=self.test_images.to(device),
+            test_images=self.test_images.to(device, memory_format=memory_format),
             test_labels=self.test_labels.to(device),
         )
 

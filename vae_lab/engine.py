@@ -45,6 +45,7 @@ def run_epoch(
     generator: torch.Generator | None = None,
     dynamic_binarization: bool = False,
     amp: bool = False,
+    terms_fn=elbo_terms,
     description: str = "",
     sync_every: int | None = None,
 ) -> dict[str, float]:
@@ -52,7 +53,8 @@ def run_epoch(
 
     Training shuffles with `generator` and draws z from the global RNG; evaluation
     goes in order with fixed noise, so its result is a deterministic function of
-    the weights. Returns the per-image means of loss, recon and kl.
+    the weights. `amp` runs the step under bfloat16 autocast; `terms_fn` may be a
+    compiled `elbo_terms`. Returns the per-image means of loss, recon and kl.
     """
     training = optimizer is not None
     device = images.device
@@ -76,7 +78,7 @@ def run_epoch(
             if dynamic_binarization and training:
                 x = torch.bernoulli(x)
             with autocast:
-                terms = elbo_terms(model, loss_fn, x, None if noise is None else noise[index])
+                terms = terms_fn(model, loss_fn, x, None if noise is None else noise[index])
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from vae_lab import plots
-from vae_lab.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
+from vae_lab.checkpoint import data_config_here, load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
@@ -27,7 +27,6 @@ from vae_lab.runtime import build, resolve_device
 
 log = logging.getLogger(__name__)
 
-MACHINE_DATA_KEYS = ("root", "download", "fallback")
 TRAVERSAL_STEPS = 20  # images per row of latent_traversal.png
 INTERPOLATION_PAIRS = 8
 
@@ -54,7 +53,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     load_model_weights(model, state, path)
     model.to(device).eval()
     loss_fn = build(saved.loss)
-    data = build(_data_config(saved, state, cfg)).to(device)
+    data = build(data_config_here(state, saved, cfg.data)).to(device)
     ev = cfg.evaluate
     log.info("evaluating %s (epoch %d) on %d %s test images (%s)", path, state["epoch"], len(data.test_images), data.name, data.variant)
 
@@ -99,16 +98,6 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
         ) from error
     _log_report(report)
     return report
-
-
-def _data_config(saved: DictConfig, state: dict, cfg: DictConfig) -> DictConfig:
-    """The checkpoint's data (as actually used, after any fallback) at this machine's location."""
-    data = saved.data.copy()
-    with open_dict(data):
-        data.name = state.get("data", data.name)
-        for key in MACHINE_DATA_KEYS:
-            data[key] = cfg.data[key]
-    return data
 
 
 def _refuse_existing(results_dir: Path) -> None:

@@ -29,19 +29,22 @@ def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_nll(x: torch.Tensor, logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """-log p(x|z) per image (B,), summed over pixels.
+    """-log p(x|z) per image, summed over the pixels (the last three dimensions).
 
-    bce: Bernoulli likelihood (exact for binary x; the usual surrogate for intensities).
+    x (..., 1, 28, 28) broadcasts against logits (..., 1, 28, 28), so k samples per
+    image (k, B, 1, 28, 28) are scored against x (B, 1, 28, 28) without copying x.
+    bce: Bernoulli likelihood, softplus(l) - x * l, stable for any logit (exact for
+    binary x; the usual surrogate for intensities).
     mse: squared error, i.e. the NLL of a Gaussian with variance 1/2 less its
     constant (D/2) log(pi); every "nats" figure of an mse model carries that offset.
     """
     if kind == "bce":
-        per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
+        per_pixel = F.softplus(logits) - x * logits
     elif kind == "mse":
         per_pixel = (torch.sigmoid(logits) - x).pow(2)
     else:
         raise ValueError(f"unknown reconstruction loss {kind!r}; choose one of {RECONSTRUCTIONS}")
-    return per_pixel.flatten(1).sum(1)
+    return per_pixel.sum((-3, -2, -1))
 
 
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:

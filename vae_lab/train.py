@@ -14,13 +14,15 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
-from vae_lab.checkpoint import load_checkpoint, load_model_weights, save_checkpoint, saved_config
-from vae_lab.engine import NonFiniteLossError, run_epoch
+from vae_lab.checkpoint import MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, save_checkpoint, saved_config
+from vae_lab.data import ImageData
+from vae_lab.engine import NonFiniteLossError, elbo_terms, run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.runtime import build, resolve_device, seed_everything
 
@@ -28,8 +30,6 @@ log = logging.getLogger(__name__)
 
 # What defines the experiment, and so comes from the checkpoint when resuming.
 EXPERIMENT_KEYS = ("model", "loss", "data", "optim", "scheduler", "seed")
-# Where the data lives describes this machine, not the experiment.
-MACHINE_DATA_KEYS = ("root", "download", "fallback")
 
 
 class TrainingInterrupted(VaeLabError):
@@ -58,11 +58,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         )
 
     seed_everything(cfg.seed)
-    data = build(cfg.data).to(device)
-    model = build(cfg.model).to(device)
-    loss_fn = build(cfg.loss)
-    optimizer = build(cfg.optim)(model.parameters())
-    scheduler = build(cfg.scheduler)(optimizer)
+    data, model, loss_fn, optimizer, scheduler, step_options = build_training(cfg, device)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     if resumed is not None:
@@ -99,7 +95,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     try:
         with _sigterm_as_interrupt():
             for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-                row = _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle)
+                row = _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle, step_options)
                 history.append(row)
                 logger.log_epoch(row)
                 save_checkpoint(state(epoch), checkpoints / "last.pt")
@@ -137,16 +133,44 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     return final["test_recon"] + final["test_kl"] if return_metric == "test_neg_elbo" else final["test_loss"]
 
 
-def _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle) -> dict:
+class Training(NamedTuple):
+    """What a training run is made of, built from the config."""
+
+    data: ImageData
+    model: torch.nn.Module
+    loss_fn: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    step_options: dict  # run_epoch's amp and terms_fn
+
+
+def build_training(cfg: DictConfig, device: torch.device) -> Training:
+    """Data on the device, model, loss, optimizer, scheduler and step options, as cfg says.
+
+    The train task and benchmarks/speed.py both build through here, so the benchmark
+    times exactly what `python run.py` runs.
+    """
+    data = build(cfg.data).to(device)
+    model = build(cfg.model).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        data = data.to(device, memory_format=torch.channels_last)
+    optimizer = build(cfg.optim)(model.parameters())
+    return Training(
+        data, model, build(cfg.loss), optimizer, build(cfg.scheduler)(optimizer),
+        {"amp": cfg.train.amp, "terms_fn": _compiled(elbo_terms, cfg.train.compile)},
+    )
+
+
+def _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle, step_options: dict) -> dict:
     started = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
-    common = dict(amp=cfg.train.get("amp", False))
     trained = run_epoch(
         model, loss_fn, data.train_images, cfg.train.batch_size, optimizer=optimizer, generator=shuffle,
-        dynamic_binarization=data.dynamic_binarization, description=f"epoch {epoch}/{cfg.train.epochs}", **common,
+        dynamic_binarization=data.dynamic_binarization, description=f"epoch {epoch}/{cfg.train.epochs}", **step_options,
     )
     train_seconds = time.perf_counter() - started
-    tested = run_epoch(model, loss_fn, data.test_images, cfg.evaluate.batch_size, description="test", **common)
+    tested = run_epoch(model, loss_fn, data.test_images, cfg.evaluate.batch_size, description="test", **step_options)
     scheduler.step()
     seconds = time.perf_counter() - started
     log.info(
@@ -159,6 +183,13 @@ def _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuff
         **{f"test_{k}": v for k, v in tested.items()},
         "train_seconds": round(train_seconds, 4), "seconds": round(seconds, 4), "data": data.name,
     }
+
+
+def _compiled(function, setting: bool | str):
+    """`function` itself (false), torch.compile'd (true), or compiled with a named backend."""
+    if setting is False:
+        return function
+    return torch.compile(function) if setting is True else torch.compile(function, backend=setting)
 
 
 def _refuse_used_run_dir(run_dir: Path) -> None:
@@ -179,10 +210,10 @@ def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
     if ignored:
         log.warning("train.resume: %s come from the checkpoint; the values given now are ignored", ", ".join(ignored))
     with open_dict(cfg):
-        machine = {key: cfg.data[key] for key in MACHINE_DATA_KEYS}
+        data = data_config_here(resumed, saved, cfg.data)
         for key in EXPERIMENT_KEYS:
             cfg[key] = saved[key]
-        cfg.data.update(machine)
+        cfg.data = data
         cfg.train.alpha = saved.train.alpha
     return cfg
 

@@ -24,6 +24,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
     _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
+    for key in ("train.amp", "train.channels_last", "train.evaluate_at_end"):
+        _check(cfg, key, lambda v: isinstance(v, bool), "true or false")
+    _check(cfg, "train.compile", lambda v: isinstance(v, (bool, str)), "false, true or a torch.compile backend name (e.g. aot_eager)")
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
     _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
     _one_of(cfg, "data.name", DATASETS)

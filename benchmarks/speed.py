@@ -1,0 +1,291 @@
+"""How fast is vae_lab? Its epoch against (b) a minimal PyTorch loop and (c) the reference's style.
+
+In one process, on the same data, model (the reference ConvVAE) and batch size:
+  (a) the framework: its engine and device-resident data, built by train.build_training
+      exactly as `python run.py` builds them (config overrides apply: train.amp=true, ...);
+  (b) the floor: a hand-written loop over the same tensors on the device;
+  (c) the reference project's style: torchvision MNIST with ToTensor through a DataLoader.
+Each is timed over whole epochs, interleaved, and the median is kept. Then the same for
+evaluation: the ELBO pass over the test set, and the importance-weighted bound at k = 100.
+
+  python benchmarks/speed.py --data-root ../shared/data                  # CPU or GPU, as found
+  python benchmarks/speed.py --data-root ../shared/data --out benchmarks/results/cpu.md
+  python benchmarks/speed.py --data-root ../shared/data train.amp=true train.compile=true optim.fused=true
+  python benchmarks/speed.py --data-root ../shared/data --profile          # where a training step's time goes
+  python benchmarks/speed.py --data-root ../shared/data --iw-only 5000 --iw-images 1000   # bounded-memory IW
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vae_lab.cli import CONFIG_DIR  # noqa: E402
+from vae_lab.engine import run_epoch  # noqa: E402
+from vae_lab.metrics import importance_weighted_nll  # noqa: E402
+from vae_lab.runtime import resolve_device, seed_everything  # noqa: E402
+from vae_lab.train import build_training  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="folder holding MNIST/raw")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3, help="timed epochs per variant (median kept)")
+    parser.add_argument("--limit", type=int, default=None, help="images per split (default: all)")
+    parser.add_argument("--iw-images", type=int, default=2000, help="test images for the IW timing")
+    parser.add_argument("--iw-only", type=int, metavar="K", help="only time the framework's IW bound with K samples")
+    parser.add_argument("--profile", action="store_true", help="only break a training step into its parts")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for (a), e.g. train.amp=true")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    cfg = compose_config(args, device)
+    seed_everything(cfg.seed)
+    framework = build_training(cfg, device)
+    if args.iw_only:
+        return iw_only(framework, args, device)
+    if args.profile:
+        return print(profile_steps(framework, cfg, device))
+
+    data, batch = framework.data, cfg.train.batch_size
+    hand_model, hand_optimizer = fresh_copy(framework.model, cfg)
+    loader_model, loader_optimizer = fresh_copy(framework.model, cfg)
+    train_loader, test_loader = reference_loaders(args, batch, cfg.evaluate.batch_size)
+    alpha = framework.loss_fn.alpha
+    shuffle = torch.Generator().manual_seed(0)
+
+    train = {
+        "a": lambda: run_epoch(framework.model, framework.loss_fn, data.train_images, batch,
+                               optimizer=framework.optimizer, generator=shuffle, **framework.step_options),
+        "b": lambda: hand_train_epoch(hand_model, hand_optimizer, batches_on_device(data.train_images, batch, shuffle), alpha),
+        "c": lambda: hand_train_epoch(loader_model, loader_optimizer, batches_from_loader(train_loader, device), alpha),
+    }
+    test = {
+        "a": lambda: run_epoch(framework.model, framework.loss_fn, data.test_images, cfg.evaluate.batch_size, **framework.step_options),
+        "b": lambda: hand_eval_epoch(hand_model, batches_on_device(data.test_images, cfg.evaluate.batch_size, None), alpha),
+        "c": lambda: hand_eval_epoch(loader_model, batches_from_loader(test_loader, device), alpha),
+    }
+    iw_images = data.test_images[: args.iw_images]
+    iw = {
+        "a": lambda: importance_weighted_nll(framework.model, iw_images, 100, framework.loss_fn.reconstruction,
+                                             batch_size=cfg.evaluate.batch_size),
+        "b": lambda: hand_iw(hand_model, batches_on_device(iw_images, cfg.evaluate.batch_size, None), 100),
+        "c": lambda: hand_iw(loader_model, batches_from_loader(iw_loader(test_loader, args.iw_images), device), 100),
+    }
+    rows = [
+        ("training epoch", len(data.train_images), time_variants(train, args.repeats, device)),
+        ("ELBO pass (test)", len(data.test_images), time_variants(test, args.repeats, device)),
+        ("IW bound, k = 100", len(iw_images), time_variants(iw, 1, device)),
+    ]
+    table = markdown(rows, describe(device, cfg, args))
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+
+
+def compose_config(args, device):
+    overrides = [f"device={device}", f"data.root={args.data_root}", "data.download=false", "data.fallback=false",
+                 f"data.limit={args.limit if args.limit else 'null'}", *args.overrides]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def fresh_copy(model, cfg):
+    """The same architecture and initial weights, with its own Adam, for (b) and (c)."""
+    copy = type(model)(**{k: v for k, v in cfg.model.items() if k != "_target_"}).to(next(model.parameters()).device)
+    copy.load_state_dict(model.state_dict())
+    return copy, torch.optim.Adam(copy.parameters(), lr=cfg.optim.lr)
+
+
+# (b) and (c): the loop a researcher writes by hand, in the style of pytorch/examples' vae.
+def hand_train_epoch(model, optimizer, batches, alpha: float) -> float:
+    model.train()
+    total = torch.zeros((), device=next(model.parameters()).device)
+    for x in batches:
+        reconstruction, mu, logvar = model(x)
+        bce = F.binary_cross_entropy(reconstruction, x, reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = (bce + alpha * kld) / len(x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(x)
+    return total.item()
+
+
+@torch.no_grad()
+def hand_eval_epoch(model, batches, alpha: float) -> float:
+    model.eval()
+    total = 0.0
+    for x in batches:
+        reconstruction, mu, logvar = model(x)
+        bce = F.binary_cross_entropy(reconstruction, x, reduction="sum")
+        total += (bce - alpha * 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())).item()
+    return total
+
+
+@torch.no_grad()
+def hand_iw(model, batches, k: int) -> float:
+    """The IW bound written plainly: k decodings of the batch, one sample at a time."""
+    model.eval()
+    total, count = 0.0, 0
+    for x in batches:
+        mu, logvar = model.encode(x)
+        std = torch.exp(0.5 * logvar)
+        log_w = []
+        for _ in range(k):
+            z = mu + std * torch.randn_like(std)
+            log_px = -F.binary_cross_entropy(model.decode(z), x, reduction="none").flatten(1).sum(1)
+            log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
+            log_qz = -0.5 * (((z - mu) / std).pow(2) + logvar + math.log(2 * math.pi)).sum(1)
+            log_w.append(log_px + log_pz - log_qz)
+        total += (math.log(k) - torch.logsumexp(torch.stack(log_w), 0)).sum().item()
+        count += len(x)
+    return total / count
+
+
+def batches_on_device(images, batch_size: int, generator):
+    order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
+    order = order.to(images.device)
+    return (images[index] for index in order.split(batch_size))
+
+
+def batches_from_loader(loader, device):
+    return (x.to(device, non_blocking=True) for x, _ in loader)
+
+
+def reference_loaders(args, train_batch: int, test_batch: int):
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import MNIST
+    from torchvision.transforms import ToTensor
+
+    pin = torch.cuda.is_available()
+    sets = [MNIST(args.data_root, train=train, transform=ToTensor()) for train in (True, False)]
+    if args.limit:
+        sets = [Subset(s, range(min(args.limit, len(s)))) for s in sets]
+    return (DataLoader(sets[0], batch_size=train_batch, shuffle=True, num_workers=args.workers, pin_memory=pin),
+            DataLoader(sets[1], batch_size=test_batch, shuffle=False, num_workers=args.workers, pin_memory=pin))
+
+
+def iw_loader(test_loader, count: int):
+    from torch.utils.data import DataLoader, Subset
+
+    return DataLoader(Subset(test_loader.dataset, range(count)), batch_size=test_loader.batch_size)
+
+
+def time_variants(variants: dict, repeats: int, device) -> dict:
+    """Median seconds of each variant; one untimed warm-up call each, then interleaved repeats."""
+    for run in variants.values():
+        run()
+    seconds = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            synchronize(device)
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def markdown(rows, header: str) -> str:
+    lines = [header, "", "| pass | images | (a) vae_lab img/s | (b) hand loop img/s | (c) DataLoader img/s | a/b | a/c |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, images, seconds in rows:
+        rate = {k: images / v for k, v in seconds.items()}
+        lines.append(f"| {name} | {images:,} | {rate['a']:,.0f} | {rate['b']:,.0f} | {rate['c']:,.0f} "
+                     f"| {rate['a'] / rate['b']:.3f} | {rate['a'] / rate['c']:.2f} |")
+    return "\n".join(lines)
+
+
+def describe(device, cfg, args) -> str:
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    options = " ".join(args.overrides) or "defaults"
+    return (f"Machine: {machine}; torch {torch.__version__}; batch {cfg.train.batch_size} "
+            f"(test {cfg.evaluate.batch_size}); (a) with {options}; median of {args.repeats} epochs "
+            f"(IW: 1 run on {args.iw_images:,} test images).")
+
+
+def profile_steps(framework, cfg, device, steps: int = 60) -> str:
+    """Mean milliseconds per training step in each phase, with the device synchronised between phases."""
+    from vae_lab.engine import elbo_terms
+
+    model, loss_fn, optimizer = framework.model, framework.loss_fn, framework.optimizer
+    images, batch = framework.data.train_images, cfg.train.batch_size
+    model.train()
+    phases = {"data (index, gather)": 0.0, "forward + loss": 0.0, "backward": 0.0, "optimizer step": 0.0, "bookkeeping": 0.0}
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    order = torch.randperm(len(images)).to(device)
+    for step in range(steps + 10):
+        marks = [time.perf_counter()]
+
+        def mark():
+            synchronize(device)
+            marks.append(time.perf_counter())
+
+        x = images[order[(step * batch) % (len(images) - batch):][:batch]]
+        mark()
+        terms = elbo_terms(model, loss_fn, x)
+        mark()
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        mark()
+        optimizer.step()
+        mark()
+        sums += torch.stack([t.detach().double() for t in terms]) * len(x)
+        sums[0].item()
+        mark()
+        if step >= 10:  # after warm-up
+            for name, start, end in zip(phases, marks, marks[1:]):
+                phases[name] += (end - start) / steps
+    total = sum(phases.values())
+    lines = [f"Per training step (batch {batch}, {device}, mean of {steps} steps):", "",
+             "| phase | ms | share |", "|---|---:|---:|"]
+    lines += [f"| {name} | {seconds * 1000:.2f} | {seconds / total:.1%} |" for name, seconds in phases.items()]
+    lines.append(f"| total | {total * 1000:.2f} | 100% |")
+    return "\n".join(lines)
+
+
+def iw_only(framework, args, device) -> None:
+    images = framework.data.test_images[: args.iw_images]
+    before = peak_memory(device)
+    started = time.perf_counter()
+    nll = importance_weighted_nll(framework.model, images, args.iw_only, framework.loss_fn.reconstruction, batch_size=256)
+    seconds = time.perf_counter() - started
+    print(f"IW bound, k = {args.iw_only}, {len(images):,} test images on {device}: {seconds:.1f} s "
+          f"({len(images) * args.iw_only / seconds:,.0f} decodings/s); -log p(x) <= {nll:.3f} (untrained model); "
+          f"peak memory {peak_memory(device) / 2**20:,.0f} MiB (before the bound: {before / 2**20:,.0f} MiB)")
+
+
+def peak_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+if __name__ == "__main__":
+    main()
