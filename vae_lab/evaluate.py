@@ -57,7 +57,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     ev = cfg.evaluate
     log.info("evaluating %s (epoch %d) on %d %s test images (%s)", path, state["epoch"], len(data.test_images), data.name, data.variant)
 
-    images, labels = data.test_images, data.test_labels
+    images = data.test_images
     one_sample = run_epoch(model, loss_fn, images, ev.batch_size, description="ELBO")
     mu, logvar = encode_all(model, images, ev.batch_size)
     kl_dims = mean_kl_per_dimension(mu, logvar).cpu().numpy()
