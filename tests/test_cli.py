@@ -32,3 +32,17 @@ def test_console_script_composes_the_same_config_as_run_py():
     by_run_py = run_cli("--cfg", "job", "model.latent_dim=2")
     assert by_script.returncode == by_run_py.returncode == 0, by_script.stderr
     assert by_script.stdout == by_run_py.stdout and "latent_dim: 2" in by_run_py.stdout
+
+
+def test_every_task_name_has_a_task_function():
+    from vae_lab.cli import TASK_FUNCTIONS
+    from vae_lab.options import TASKS
+
+    assert tuple(TASK_FUNCTIONS) == TASKS
+
+
+def test_help_lists_the_groups_and_examples():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "experiment: alpha_latent_sweep, gpu_fast, optuna_search, quick, reference" in result.stdout
+    assert "python run.py task=evaluate evaluate.checkpoint=outputs/<date>/<time>" in result.stdout

@@ -1,6 +1,8 @@
 """The evaluate task: the round trip from training, the likelihood report, the figures."""
 import csv
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -54,6 +56,9 @@ def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
     for name in FIGURES:
         assert_png(tmp_path / "results" / name)
     assert "likelihood report" in (tmp_path / "run.log").read_text()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
 
 
 def test_iw_bound_is_below_the_elbo_and_tightens_with_k(trained):

@@ -1,6 +1,8 @@
 """The train task through the real config: artefacts, exact resume, reproducibility, fallback."""
 import csv
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -39,6 +41,9 @@ def test_two_epochs_write_the_run_directory_contract(make_cfg, tmp_path):
         "progress/reconstruction_0002.png", "progress/samples_0002.png", "progress/loss_curves.png",
     } <= names
     assert not [n for n in names if n.endswith(".tmp")]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "checkpoints" / "last.pt").stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     assert "epoch 2/2" in (tmp_path / "run.log").read_text()
 
 

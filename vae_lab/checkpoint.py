@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -49,15 +49,16 @@ ALLOWED_TARGETS = {
 def save_checkpoint(state: dict, path: Path) -> None:
     """Write `state` to `path` atomically: complete old file or complete new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # A unique name opened with "x" (not mkstemp, whose 0600 mode the final file would keep).
+    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(handle, "wb") as file:
+        with open(temporary, "xb") as file:
             torch.save({"format": FORMAT, **state}, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 

@@ -117,7 +117,7 @@ def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[torch.Te
     from torchvision.datasets import MNIST, FashionMNIST
 
     dataset_class = {"mnist": MNIST, "fashion_mnist": FashionMNIST}[name]
-    folder = root / dataset_class.__name__ / "raw"
+    folder = root.absolute() / dataset_class.__name__ / "raw"
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"data.root={root} is a file; it must be the folder that holds {dataset_class.__name__}/raw")
     splits = []

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +113,9 @@ class _staging:
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.folder = Path(tempfile.mkdtemp(prefix=f".{self.target.name}-", dir=self.target.parent))
+        # A unique name made with mkdir (not mkdtemp, whose 0700 mode results/ would keep).
+        self.folder = self.target.parent / f".{self.target.name}-{uuid.uuid4().hex[:12]}"
+        self.folder.mkdir()
         return self.folder
 
     def __exit__(self, kind, value, traceback) -> None:

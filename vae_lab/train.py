@@ -62,7 +62,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     if resumed is not None:
-        _restore(resumed, model, optimizer, scheduler, shuffle, device)
+        _restore(resumed, cfg.train.resume, model, optimizer, scheduler, shuffle, device)
         history = list(resumed["history"])
         log.info("resumed from %s at epoch %d", cfg.train.resume, resumed["epoch"])
     start_epoch = resumed["epoch"] if resumed is not None else 0
@@ -223,8 +223,8 @@ def _plain(node, drop=()) -> object:
     return {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) else value
 
 
-def _restore(resumed: dict, model, optimizer, scheduler, shuffle: torch.Generator, device: torch.device) -> None:
-    load_model_weights(model, resumed, "the checkpoint")
+def _restore(resumed: dict, path, model, optimizer, scheduler, shuffle: torch.Generator, device: torch.device) -> None:
+    load_model_weights(model, resumed, path)
     optimizer.load_state_dict(resumed["optimizer"])
     scheduler.load_state_dict(resumed["scheduler"])
     rng = resumed["rng"]
