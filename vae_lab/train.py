@@ -129,8 +129,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         from vae_lab.evaluate import evaluate_checkpoint
 
         evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
-    return_metric = cfg.train.get("return_metric", "test_loss")
-    return final["test_recon"] + final["test_kl"] if return_metric == "test_neg_elbo" else final["test_loss"]
+    return final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
 
 
 class Training(NamedTuple):
