@@ -22,6 +22,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     _check(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
+    for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
+        _check(cfg, key, _is_positive_int, "a whole number >= 1")
+    for key in ("train.kl_warmup_epochs", "model.blocks"):
+        _check(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
+    _check(cfg, "loss.free_bits", lambda v: _is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
+    _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
+           "a list of module names, e.g. [my_lab.models]")
     _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
     for key in ("train.amp", "train.channels_last", "train.evaluate_at_end"):
