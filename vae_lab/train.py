@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
-from vae_lab.checkpoint import MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, save_checkpoint, saved_config
+from vae_lab.checkpoint import MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, plain_config, save_checkpoint, saved_config
 from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, elbo_terms, run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
@@ -72,7 +72,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         type(model).__name__, sum(p.numel() for p in model.parameters()), device,
         data.name, len(data.train_images), len(data.test_images), run_dir,
     )
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = plain_config(cfg)
     checkpoints = run_dir / "checkpoints"
     logger = build(cfg.logger)(run_dir)
     logger.start(history)
@@ -97,9 +97,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
                 row = _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle, step_options)
                 history.append(row)
-                logger.log_epoch(row)
+                # The checkpoint first: after a kill between the two, metrics.csv is behind
+                # last.pt (and a resumed run rewrites it from the checkpoint), never ahead.
                 save_checkpoint(state(epoch), checkpoints / "last.pt")
                 saved_epoch = epoch
+                logger.log_epoch(row)
                 if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                     save_checkpoint(state(epoch), checkpoints / f"model_{epoch}.pt")
                 if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
@@ -110,7 +112,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             f"training diverged: {error} of epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} "
             "Lower optim.lr (or train.alpha) before continuing."
         ) from error
-    except OSError as error:  # a full disk, a folder that became unwritable
+    except OSError as error:  # a full disk, a folder that became unwritable (save_checkpoint raises OSError for both)
         raise VaeLabError(
             f"cannot write to {getattr(error, 'filename', None) or run_dir} in epoch {epoch}: {error.strerror or error}. "
             f"{_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} Free space or fix permissions first."
