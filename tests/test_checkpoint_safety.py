@@ -325,6 +325,12 @@ def _weight(value):
     return edit
 
 
+def _edit_optimizer_state(s, change):
+    optimizer = copy.deepcopy(s["optimizer"])
+    optimizer["state"][0]["exp_avg"] = change(optimizer["state"][0]["exp_avg"])
+    return {**s, "optimizer": optimizer}
+
+
 WELL_FORMED = "it is not a well-formed vae_lab checkpoint"
 # (id, edit of a good checkpoint, message)
 MALFORMED = [
@@ -344,8 +350,18 @@ MALFORMED = [
      f"{WELL_FORMED} (history is not a list of metrics.csv rows)"),
     ("unknown data set", _set("data", "cifar10"), f"{WELL_FORMED} (data is 'cifar10', not one of mnist, fashion_mnist, mnist_5k)"),
     ("digest not a digest", _set(checkpoint.DIGEST_KEY, "abc"), f"{WELL_FORMED} (model_sha256 is not a sha256 digest)"),
-    ("NaN weight", _weight(float("nan")), "its weights hold NaN or infinite values"),
-    ("infinite weight", _weight(float("inf")), "its weights hold NaN or infinite values"),
+    ("NaN weight", _weight(float("nan")), "its weights hold NaN or infinite values (encoder_conv.0.weight)"),
+    ("infinite weight", _weight(float("inf")), "its weights hold NaN or infinite values (encoder_conv.0.weight)"),
+    ("NaN optimizer moment", lambda s: _edit_optimizer_state(s, lambda v: torch.full_like(v, float("nan"))),
+     "its optimizer state holds NaN or infinite values (optimizer state 0.exp_avg)"),
+    ("generator state of the wrong size", lambda s: {**s, "rng": {**s["rng"], "shuffle": torch.zeros(7, dtype=torch.uint8)}},
+     f"{WELL_FORMED} (rng['shuffle'] is not a random generator state)"),
+    ("history value that is not a number", lambda s: {**s, "history": [{**s["history"][0], "test_loss": "low"}]},
+     f"{WELL_FORMED} (history is not a list of metrics.csv rows)"),
+    ("loss argument its class does not take", _config(lambda c: c["loss"].update(shell="rm -rf")),
+     "its config gives loss arguments that vae_lab.loss.VAELoss does not take (got an unexpected keyword argument 'shell')"),
+    ("optimizer argument its class does not take", _config(lambda c: c["optim"].update(shell=1)),
+     "its config gives optim arguments that torch.optim.Adam does not take"),
     ("weights changed after the digest", lambda s: {**_weight(0.5)(s), checkpoint.DIGEST_KEY: s[checkpoint.DIGEST_KEY]},
      "the file is corrupted (its weights do not match the digest written with them)"),
     ("latent_dim 0 in the saved config", _config(lambda c: c["model"].update(latent_dim=0)),
@@ -371,6 +387,29 @@ def test_a_malformed_checkpoint_is_refused_with_what_is_wrong(state, tmp_path, n
         evaluate(crafted, tmp_path / "evaluated")
     assert time.monotonic() - started < 10  # refused before any large allocation or any data is read
     assert not (tmp_path / "evaluated" / "results").exists()
+
+
+# Resuming also restores the optimizer and the scheduler: states that torch would take, then fail on mid-epoch.
+RESUME_ONLY = [
+    ("Adam moment of another shape", lambda s: _edit_optimizer_state(s, lambda v: torch.zeros(3)),
+     "its optimizer state[0]['exp_avg'] does not fit the optimizer and scheduler its config describes"),
+    ("learning rate as text in the optimizer state",
+     lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": [{**s["optimizer"]["param_groups"][0], "lr": "fast"}]}},
+     "its optimizer param_groups[0]['lr'] does not fit"),
+    ("one parameter group too many",
+     lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": s["optimizer"]["param_groups"] * 2}},
+     "its optimizer param_groups does not fit"),
+    ("scheduler base_lrs as text", lambda s: {**s, "scheduler": {**s["scheduler"], "base_lrs": "0.1"}},
+     "its scheduler state['base_lrs'] does not fit"),
+]
+
+
+@pytest.mark.parametrize("name, edit, message", RESUME_ONLY, ids=[case[0] for case in RESUME_ONLY])
+def test_a_training_state_that_does_not_fit_is_refused_before_the_first_step(state, tmp_path, name, edit, message):
+    crafted = craft(edit(state), tmp_path / "crafted.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot resume from {crafted}: {message}")):
+        run_task(compose_config(*SMALL, f"train.resume={crafted}", "train.epochs=2"), tmp_path / "resumed")
+    assert not (tmp_path / "resumed" / "checkpoints").exists() and not (tmp_path / "resumed" / "metrics.csv").exists()
 
 
 def test_the_digest_is_written_at_save_and_a_file_without_one_still_loads(state, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import importlib
+import inspect
 import logging
 import os
 import pickle
@@ -36,6 +37,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -332,13 +334,14 @@ def _structure_problem(state: dict) -> str | None:
     for key in ("optimizer", "scheduler", "rng"):
         if not isinstance(state[key], dict) or not all(isinstance(k, str) for k in state[key]):
             return f"{key} is a {type(state[key]).__name__}, not a state dict"
-    for key in ("torch", "shuffle"):
-        if not isinstance(rng.get(key), torch.Tensor) or rng[key].dtype != torch.uint8:
+    for key in ("torch", "shuffle"):  # both CPU generators, whose state has a fixed size
+        found = rng.get(key)
+        if not isinstance(found, torch.Tensor) or found.dtype != torch.uint8 or found.shape != torch.get_rng_state().shape:
             return f"rng[{key!r}] is not a random generator state"
     if not isinstance(rng.get("cuda", []), list):
         return "rng['cuda'] is not a list"
     history = state["history"]
-    if not isinstance(history, list) or not all(isinstance(row, dict) and set(row) <= set(METRIC_COLUMNS) for row in history):
+    if not isinstance(history, list) or not all(_is_metrics_row(row) for row in history):
         return "history is not a list of metrics.csv rows"
     if [row.get("epoch") for row in history] != list(range(1, epoch + 1)):
         return f"history holds {len(history)} rows for epoch {epoch}"
@@ -356,6 +359,18 @@ def _structure_problem(state: dict) -> str | None:
     return None
 
 
+def _is_metrics_row(row) -> bool:
+    """A row as train writes it: metrics.csv's columns, numbers except the data set's name."""
+    return (
+        isinstance(row, dict) and set(row) <= set(METRIC_COLUMNS)
+        and all(isinstance(value, str) if key == "data" else _is_number(value) for key, value in row.items())
+    )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -368,10 +383,17 @@ def check_digest(state: dict, path: str | Path) -> None:
 
 
 def check_finite(state: dict, path: str | Path) -> None:
-    for name, tensor in state["model"].items():
+    """NaN or infinite weights (or optimizer moments, which would put them there at the first step)."""
+    optimizer_tensors = {
+        f"optimizer state {index}.{key}": value
+        for index, entry in state["optimizer"].get("state", {}).items() if isinstance(entry, dict)
+        for key, value in entry.items() if isinstance(value, torch.Tensor)
+    }
+    for name, tensor in {**state["model"], **optimizer_tensors}.items():
         if (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all():
+            holder = "its weights hold" if name in state["model"] else "its optimizer state holds"
             raise CheckpointError(
-                f"refused {path}: its weights hold NaN or infinite values ({name}); a model with them computes nothing. "
+                f"refused {path}: {holder} NaN or infinite values ({name}), with which the model computes nothing. "
                 "Use an earlier checkpoint, e.g. checkpoints/model_<epoch>.pt."
             )
 
@@ -396,6 +418,7 @@ def saved_config(state: dict, path: str | Path) -> DictConfig:
     hidden = [key for key in _target_paths(config) if key.count(".") != 1]
     if hidden:
         raise CheckpointError(f"refused {path}: its config has a _target_ at {hidden[0]}, where vae_lab never writes one.")
+    _check_arguments(config, path)
     saved = OmegaConf.create({key: value for key, value in config.items() if key not in RECORDED_ONLY_GROUPS})
     _check_saved_settings(saved, state["data"], path)
     _check_model_fits(saved, state, path)
@@ -495,6 +518,20 @@ def _key_paths(node, prefix: str = "") -> list[str]:
     if isinstance(node, list):
         return [path for index, value in enumerate(node) for path in _key_paths(value, f"{prefix}{index}.")]
     return []
+
+
+def _check_arguments(config: dict, path: str | Path) -> None:
+    """Each group's arguments are ones its (already allowed) target takes, so building it
+    cannot fail on an unexpected keyword after the checks have passed."""
+    for group in ALLOWED_TARGETS:
+        arguments = dict(config[group])
+        target = arguments.pop("_target_")
+        partial = arguments.pop("_partial_", False)
+        signature = inspect.signature(get_object(target))
+        try:
+            signature.bind_partial(**arguments) if partial else signature.bind(**arguments)
+        except TypeError as error:
+            raise CheckpointError(f"refused {path}: its config gives {group} arguments that {target} does not take ({error}).") from None
 
 
 def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path) -> None:
@@ -603,6 +640,79 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path) ->
             f"the weights in {path} do not fit the model its own config describes ({described}): "
             f"{_first_line(error, skip_header=True)}. The file was altered or written by another program."
         ) from error
+
+
+def restore_training_state(optimizer: torch.optim.Optimizer, scheduler, state: dict, path: str | Path) -> None:
+    """Load the checkpoint's optimizer and scheduler states, or say why they do not fit.
+
+    They were written for the optimizer and scheduler its config describes. An altered
+    file can hold states of other kinds or shapes, which torch would take here and fail
+    on at the first step, in the middle of an epoch.
+    """
+    saved_optimizer, saved_scheduler = state["optimizer"], state["scheduler"]
+    problem = (
+        _kind_mismatch(optimizer.state_dict()["param_groups"], saved_optimizer.get("param_groups"), "optimizer param_groups")
+        or _optimizer_state_mismatch(optimizer, saved_optimizer.get("state"))
+        or _kind_mismatch(scheduler.state_dict(), saved_scheduler, "scheduler state")
+    )
+    if problem is None:
+        try:
+            optimizer.load_state_dict(saved_optimizer)
+            scheduler.load_state_dict(saved_scheduler)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
+            problem = f"optimizer or scheduler state ({_first_line(error)})"
+    if problem:
+        raise CheckpointError(
+            f"cannot resume from {path}: its {problem} does not fit the optimizer and scheduler its config describes. "
+            "The file was altered or written by another program; use another checkpoint."
+        )
+
+
+def _kind_mismatch(fresh, saved, where: str) -> str | None:
+    """Where `saved` differs in kind from `fresh` (the state of a freshly built object):
+    in the dict keys both have, list lengths, tensor shapes, scalar kinds. Keys only one
+    side has are torch's business (its states gain keys between versions)."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return where
+        pairs = [(fresh[key], saved[key], f"{where}[{key!r}]") for key in fresh if key in saved]
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            return where
+        pairs = [(a, b, f"{where}[{index}]") for index, (a, b) in enumerate(zip(fresh, saved))]
+    else:
+        return None if _same_kind(fresh, saved) else where
+    for fresh_value, saved_value, inner in pairs:
+        found = _kind_mismatch(fresh_value, saved_value, inner)
+        if found:
+            return found
+    return None
+
+
+def _same_kind(fresh, saved) -> bool:
+    if isinstance(fresh, torch.Tensor):
+        return isinstance(saved, torch.Tensor) and saved.shape == fresh.shape
+    if fresh is None:  # unset: torch takes None, a flag or a number there
+        return saved is None or isinstance(saved, (bool, int, float))
+    if isinstance(fresh, bool):
+        return isinstance(saved, bool)
+    if _is_number(fresh):
+        return _is_number(saved)
+    return type(saved) is type(fresh)
+
+
+def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer, saved_state) -> str | None:
+    """Per-parameter optimizer state (Adam's moments, SGD's momentum) has its parameter's shape."""
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    if not isinstance(saved_state, dict):
+        return "optimizer state"
+    for index, entry in saved_state.items():
+        if not _is_int(index) or not 0 <= index < len(parameters) or not isinstance(entry, dict):
+            return f"optimizer state[{index!r}]"
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameters[index].shape:
+                return f"optimizer state[{index}][{key!r}]"
+    return None
 
 
 def _first_line(error: BaseException, skip_header: bool = False) -> str:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
-from vae_lab.checkpoint import MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, plain_config, save_checkpoint, saved_config
+from vae_lab.checkpoint import MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, plain_config, restore_training_state, save_checkpoint, saved_config
 from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, elbo_terms, run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
@@ -226,8 +226,7 @@ def _plain(node, drop=()) -> object:
 
 def _restore(resumed: dict, path, model, optimizer, scheduler, shuffle: torch.Generator, device: torch.device) -> None:
     load_model_weights(model, resumed, path)
-    optimizer.load_state_dict(resumed["optimizer"])
-    scheduler.load_state_dict(resumed["scheduler"])
+    restore_training_state(optimizer, scheduler, resumed, path)
     rng = resumed["rng"]
     torch.set_rng_state(rng["torch"])
     shuffle.set_state(rng["shuffle"])
