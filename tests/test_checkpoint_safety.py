@@ -523,6 +523,16 @@ def test_the_evaluate_task_cleans_the_folder_it_reads_and_leaves_other_files_alo
     assert f"removed {stale}" in (tmp_path / "evaluated" / "run.log").read_text()
 
 
+def test_a_run_killed_during_its_first_save_is_cleaned_when_evaluated(tmp_path):
+    stale = tmp_path / "run" / "checkpoints" / ".last.pt.0123456789ab.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"PK")
+    age(stale)
+    with pytest.raises(CheckpointError, match="is a folder without checkpoints"):
+        evaluate(tmp_path / "run", tmp_path / "evaluated")
+    assert not stale.exists()
+
+
 class Killed(BaseException):
     """Stands for SIGKILL at one precise point: nothing after it runs."""
 

@@ -194,6 +194,8 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
             if os.path.lexists(candidate):  # whatever it is: reading it says if it is not a regular file
                 return candidate
+        if (path / "checkpoints").is_dir():  # a run killed during its first save
+            remove_stale_temporaries(path / "checkpoints")
         raise CheckpointError(
             f"{path} is a folder without checkpoints (looked for checkpoints/last.pt and last.pt). "
             "Pass a checkpoint file or a training run's directory."
@@ -338,8 +340,9 @@ def _structure_problem(state: dict) -> str | None:
         found = rng.get(key)
         if not isinstance(found, torch.Tensor) or found.dtype != torch.uint8 or found.shape != torch.get_rng_state().shape:
             return f"rng[{key!r}] is not a random generator state"
-    if not isinstance(rng.get("cuda", []), list):
-        return "rng['cuda'] is not a list"
+    cuda = rng.get("cuda", [])
+    if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda):
+        return "rng['cuda'] is not a list of random generator states"
     history = state["history"]
     if not isinstance(history, list) or not all(_is_metrics_row(row) for row in history):
         return "history is not a list of metrics.csv rows"
