@@ -499,27 +499,26 @@ def _check_target_placement(config: dict, path: str | Path) -> None:
     """`_target_` only at the top of the groups vae_lab builds (or records); no other
     instantiate keyword anywhere, and `_partial_` only at the top of a group."""
     groups_with_targets = (*ALLOWED_TARGETS, *RECORDED_ONLY_GROUPS)
-    for where in _key_paths(config):
-        parts = where.split(".")
-        name = parts[-1]
+    for keys in _key_paths(config):
+        name = keys[-1]
         misplaced = (
-            (name == "_target_" and (len(parts) != 2 or parts[0] not in groups_with_targets))
-            or (name == "_partial_" and len(parts) != 2)
+            (name == "_target_" and (len(keys) != 2 or keys[0] not in groups_with_targets))
+            or (name == "_partial_" and len(keys) != 2)
             or name in INSTANTIATE_KEYWORDS
         )
         if misplaced:
             raise CheckpointError(
-                f"refused {path}: its config has {name} at {where}, where vae_lab never writes one "
+                f"refused {path}: its config has {name} at {'.'.join(map(str, keys))}, where vae_lab never writes one "
                 f"(a checkpoint builds only {', '.join(ALLOWED_TARGETS)}, each from the top of its group)."
             )
 
 
-def _key_paths(node, prefix: str = "") -> list[str]:
-    """Every key of a plain config as a dotted path; list items count as path parts."""
+def _key_paths(node, prefix: tuple = ()) -> list[tuple]:
+    """Every key of a plain config as the tuple of keys leading to it; list indices count as keys."""
     if isinstance(node, dict):
-        return [path for key, value in node.items() for path in [f"{prefix}{key}", *_key_paths(value, f"{prefix}{key}.")]]
+        return [keys for key, value in node.items() for keys in [(*prefix, key), *_key_paths(value, (*prefix, key))]]
     if isinstance(node, list):
-        return [path for index, value in enumerate(node) for path in _key_paths(value, f"{prefix}{index}.")]
+        return [keys for index, value in enumerate(node) for keys in _key_paths(value, (*prefix, index))]
     return []
 
 
