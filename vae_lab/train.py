@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
 from vae_lab.checkpoint import (
-    MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, save_checkpoint, saved_config, untrusted_target,
+    MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, plain_config, restore_training_state,
+    save_checkpoint, saved_config, untrusted_target,
 )
 from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, run_epoch
@@ -77,7 +78,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         type(model).__name__, sum(p.numel() for p in model.parameters()), device,
         data.name, len(data.train_images), len(data.test_images), run_dir,
     )
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = plain_config(cfg)
     checkpoints = run_dir / "checkpoints"
     logger = build(cfg.logger)(run_dir)
     logger.start(history)
@@ -94,6 +95,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             "config": config,
             "history": history,
             "data": data.name,
+            "image_shape": list(data.image_shape),
         }
 
     epoch = start_epoch
@@ -103,9 +105,11 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 objective.kl_scale = kl_warmup(epoch, cfg.train.kl_warmup_epochs)
                 row = _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle)
                 history.append(row)
-                logger.log_epoch(row)
+                # The checkpoint first: after a kill between the two, metrics.csv is behind
+                # last.pt (and a resumed run rewrites it from the checkpoint), never ahead.
                 save_checkpoint(state(epoch), checkpoints / "last.pt")
                 saved_epoch = epoch
+                logger.log_epoch(row)
                 if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                     save_checkpoint(state(epoch), checkpoints / f"model_{epoch}.pt")
                 if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
@@ -116,7 +120,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             f"training diverged: {error} of epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} "
             "Lower optim.lr (or train.alpha) before continuing."
         ) from error
-    except OSError as error:  # a full disk, a folder that became unwritable
+    except OSError as error:  # a full disk, a folder that became unwritable (save_checkpoint raises OSError for both)
         raise VaeLabError(
             f"cannot write to {getattr(error, 'filename', None) or run_dir} in epoch {epoch}: {error.strerror or error}. "
             f"{_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} Free space or fix permissions first."
@@ -237,7 +241,7 @@ def _refuse_used_run_dir(run_dir: Path) -> None:
 
 def _refuse_untrusted(cfg: DictConfig) -> None:
     """The command line may build only what its checkpoints could be rebuilt from (checkpoint.untrusted_target)."""
-    problem = untrusted_target(OmegaConf.to_container(cfg, resolve=True), tuple(cfg.trusted_modules))
+    problem = untrusted_target(plain_config(cfg), tuple(cfg.trusted_modules))
     if problem:
         raise ConfigError(f"refusing to train: {problem}.")
 
@@ -268,8 +272,7 @@ def _plain(node, drop=()) -> object:
 
 def _restore(resumed: dict, path, model, optimizer, scheduler, shuffle: torch.Generator, device: torch.device) -> None:
     load_model_weights(model, resumed, path)
-    optimizer.load_state_dict(resumed["optimizer"])
-    scheduler.load_state_dict(resumed["scheduler"])
+    restore_training_state(optimizer, scheduler, resumed, path)
     rng = resumed["rng"]
     torch.set_rng_state(rng["torch"])
     shuffle.set_state(rng["shuffle"])
