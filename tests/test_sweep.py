@@ -1,5 +1,4 @@
 """Sweeps through the real CLI: job directories, the summary, failures, launchers, summarize."""
-import csv
 import json
 import shutil
 import subprocess
@@ -8,8 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
-from test_evaluate import assert_png
+from conftest import REPO, assert_png, read_csv
 from vae_lab.cli import _missing_plugin, run_task
 
 # Smaller than TINY: a sweep job is a whole process; evaluation stays on so the summary has results.
@@ -28,8 +26,7 @@ def sweep(sweep_dir, *overrides, timeout=600):
 
 
 def read_summary(sweep_dir):
-    with (sweep_dir / "summary.csv").open() as file:
-        return list(csv.DictReader(file))
+    return read_csv(sweep_dir / "summary.csv")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +63,7 @@ def test_summarize_rebuilds_an_interrupted_sweep(sweep_2x2, make_cfg, tmp_path):
         (sweep_dir / name).unlink()
     (sweep_dir / "3" / "job.json").unlink()  # as if job 3 was killed
     shutil.rmtree(sweep_dir / "3" / "results")
-    best = run_task(make_cfg("task=summarize", f"summarize.sweep_dir={sweep_dir}"), tmp_path / "run")
+    best = run_task(make_cfg("task=summarize", f"summarize.sweep_dir={sweep_dir}"), tmp_path / "run").value
     rows = read_summary(sweep_dir)
     assert [r["status"] for r in rows] == ["completed"] * 3 + ["not finished (epoch 1)"]
     assert best == pytest.approx(min(float(r["neg_elbo"]) for r in rows[:3] + rows[3:]))
