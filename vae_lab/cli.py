@@ -30,7 +30,6 @@ from vae_lab.validate import validate
 log = logging.getLogger(__name__)
 
 
-
 def find_config_dir() -> Path:
     """The configs: vae_lab/conf inside an installed wheel, else conf/ of the checkout.
 
