@@ -41,7 +41,7 @@ def test_run_py_trains_and_evaluates_into_its_run_directory(tmp_path):
     log = (tmp_path / "run.log").read_text()
     assert "epoch 1/2" in log and "likelihood report" in log
     # The last thing on the console names the run directory and what to open.
-    assert result.stderr.strip().splitlines()[-3].endswith(f"run directory: {tmp_path}")
+    assert result.stdout.strip().splitlines()[-3].endswith(f"run directory: {tmp_path}")
 
 
 def test_run_py_vae_lab_and_python_m_compose_the_same_config():

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +19,13 @@ from vae_lab.data import load_dataset
 from vae_lab.model import MLPVAE
 from vae_lab.objectives import ELBO
 
-# Everything the checkout holds except what runs leave behind.
-NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "outputs", "multirun", "data", "build", "dist", "*.egg-info",
-                                    "__pycache__", ".pytest_cache")
+# What runs and builds leave at the top of a checkout (conf/data/ is source: only the top level is skipped).
+NOT_SOURCE_AT_TOP = {".git", ".venv", "outputs", "multirun", "data", "build", "dist", ".pytest_cache"}
+
+
+def not_source(folder: str, names: list[str]) -> set[str]:
+    skipped = {name for name in names if name == "__pycache__" or name.endswith(".egg-info")}
+    return skipped | (NOT_SOURCE_AT_TOP & set(names) if Path(folder) == REPO else set())
 TINY_RUN = ["data=mnist_5k", "data.limit=64", "train.epochs=1", "train.batch_size=32", "device=cpu",
             "evaluate.iw_samples=2", "evaluate.embedding_points=64", "evaluate.reconstruction_rows=1", "evaluate.generation_samples=16"]
 
@@ -37,7 +42,7 @@ def test_setup_cfg_lists_every_package_and_ships_the_configs():
 @pytest.mark.slow
 def test_a_wheel_installed_elsewhere_finds_its_configs_and_trains(tmp_path):
     source, wheels, target, elsewhere = (tmp_path / name for name in ("source", "wheels", "target", "elsewhere"))
-    shutil.copytree(REPO, source, ignore=NOT_SOURCE)  # the build writes build/ and *.egg-info: not into the checkout
+    shutil.copytree(REPO, source, ignore=not_source)  # the build writes build/ and *.egg-info: not into the checkout
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), "."],
                            cwd=source, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
