@@ -28,7 +28,8 @@ def trained(tmp_path_factory):
 
 def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
     # Only the checkpoint is named: latent_dim=4 comes back from the file.
-    neg_elbo = run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path).value
+    outcome = run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path)
+    neg_elbo = outcome.value
     report = json.loads((tmp_path / "results" / "metrics.json").read_text())
     row = read_metrics(trained)[-1]
     assert report["objective"] == pytest.approx(float(row["test_loss"]), abs=1e-4)
@@ -42,7 +43,12 @@ def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
     assert 0 < report["mse_per_pixel"] < 1
     for name in FIGURES:
         assert_png(tmp_path / "results" / name)
-    assert "likelihood report" in (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text()
+    assert "likelihood report" in log
+    # It ends saying where the results went and what to open.
+    assert outcome.run_dir == tmp_path and f"run directory: {tmp_path}" in log.strip().splitlines()[-3]
+    assert outcome.open_next[0] == "results/reconstruction.png" and all((tmp_path / name).is_file() for name in outcome.open_next)
+    assert outcome.headline["test -ELBO"] == f"{neg_elbo:.2f} nats"
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
