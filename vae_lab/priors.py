@@ -16,7 +16,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 
 class Prior(nn.Module):
@@ -82,8 +81,7 @@ class _Mixture(Prior):
         raise NotImplementedError
 
     def log_prob(self, z, posterior=None):
-        means, logvars, logits = self._components(posterior)
-        return mixture(means, logvars, logits).log_prob(z)
+        return mixture_log_prob(z, *self._components(posterior))
 
     def sample(self, n, generator=None, posterior=None):
         means, logvars, logits = self._components(posterior)
@@ -93,10 +91,18 @@ class _Mixture(Prior):
         return means[chosen] + torch.exp(0.5 * logvars[chosen]) * noise
 
 
-def mixture(means: torch.Tensor, logvars: torch.Tensor, logits: torch.Tensor) -> MixtureSameFamily:
-    """The torch.distributions mixture of K diagonal Gaussians over D dimensions."""
-    components = Independent(Normal(means, torch.exp(0.5 * logvars)), 1)
-    return MixtureSameFamily(Categorical(logits=logits), components, validate_args=False)
+def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log sum_k softmax(logits)_k N(z; means_k, diag(exp(logvars_k))) for z (..., D) -> (...).
+
+    The same number as torch.distributions.MixtureSameFamily (tests compare them), computed
+    with (z - m)^2 / v expanded into two matrix products: MixtureSameFamily broadcasts a
+    (..., K, D) tensor through every step, which made a 500-component VampPrior 6x slower
+    than the whole rest of a training step on the CPU.
+    """
+    precision = torch.exp(-logvars)  # (K, D)
+    squared = (z * z) @ precision.T - 2 * z @ (means * precision).T + (means * means * precision).sum(-1)  # (..., K)
+    log_components = -0.5 * (squared + logvars.sum(-1) + means.shape[-1] * math.log(2 * math.pi))
+    return torch.logsumexp(log_components + logits.log_softmax(0), dim=-1)
 
 
 class MixturePrior(_Mixture):

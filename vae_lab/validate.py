@@ -40,6 +40,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "data.name", DATASETS)
     _one_of(cfg, "data.binarize", BINARIZE)
     _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
+    _check(cfg, "evaluate.iw_limit", lambda v: v is None or _is_positive_int(v), "null (all test images) or a whole number >= 1")
     root = OmegaConf.select(cfg, "data.root")
     if cfg.data.name != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
         raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")
