@@ -1,11 +1,18 @@
-"""Shared fixtures: the real config, composed with Hydra and shrunk to tiny CPU runs."""
+"""Shared fixtures and helpers: the real config, composed with Hydra and shrunk to tiny CPU runs;
+one reader of metrics.csv and one check of a PNG figure, used by every test module.
+
+Tiers: `python -m pytest` runs everything (CI); `python -m pytest -m "not slow"` skips the
+end-to-end subprocess runs, sweeps, launchers and the wheel build, for quick iteration.
+"""
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from PIL import Image
 
 from vae_lab.cli import CONFIG_DIR
 
@@ -40,3 +47,22 @@ def compose_config(*overrides: str):
 def make_cfg():
     """make_cfg("model.latent_dim=2", ...) -> the real config with TINY and these overrides."""
     return compose_config
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV file (metrics.csv, summary.csv) as dicts of strings."""
+    with Path(path).open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run directory's metrics.csv: one dict per epoch."""
+    return read_csv(Path(run_dir) / "metrics.csv")
+
+
+def assert_png(path: Path, min_side: int = 100) -> None:
+    """`path` is a complete, readable PNG of a figure (not an empty or truncated file)."""
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    with Image.open(path) as image:
+        image.verify()
+        assert min(image.size) > min_side, (path, image.size)

@@ -1,18 +1,35 @@
-"""run.py end to end, as a user runs it: a subprocess in the repository."""
+"""The command line as a user runs it: three entry points, configs of their own, the closing block, threads."""
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, compose_config
+from vae_lab.cli import CONFIG_DIR, run_task, threads_per_job
+from vae_lab.errors import ConfigError
+
+# The checkout first on the path, so every entry point (the vae-lab script too) runs this code.
+CHECKOUT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
-def run_cli(*overrides, executable=(sys.executable, "run.py"), timeout=300):
-    return subprocess.run([*executable, *overrides], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run_cli(*overrides, executable=(sys.executable, "run.py"), cwd=REPO, timeout=300):
+    return subprocess.run([*executable, *overrides], cwd=cwd, env=CHECKOUT_ENV, capture_output=True, text=True, timeout=timeout)
 
 
+def vae_lab_script() -> str:
+    script = shutil.which("vae-lab", path=str(Path(sys.executable).parent)) or shutil.which("vae-lab")
+    assert script, "the vae-lab console script is not installed (pip install -e .)"
+    return script
+
+
+@pytest.mark.slow
 def test_run_py_trains_and_evaluates_into_its_run_directory(tmp_path):
     result = run_cli("task=train", *TINY, "train.evaluate_at_end=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -23,15 +40,19 @@ def test_run_py_trains_and_evaluates_into_its_run_directory(tmp_path):
     assert "train.batch_size=64" in yaml.safe_load((tmp_path / ".hydra" / "overrides.yaml").read_text())
     log = (tmp_path / "run.log").read_text()
     assert "epoch 1/2" in log and "likelihood report" in log
+    # The last thing on the console names the run directory and what to open.
+    assert result.stdout.strip().splitlines()[-3].endswith(f"run directory: {tmp_path}")
 
 
-def test_console_script_composes_the_same_config_as_run_py():
-    script = shutil.which("vae-lab", path=str(Path(sys.executable).parent)) or shutil.which("vae-lab")
-    assert script, "the vae-lab console script is not installed (pip install -e .)"
-    by_script = run_cli("--cfg", "job", "model.latent_dim=2", executable=(script,))
-    by_run_py = run_cli("--cfg", "job", "model.latent_dim=2")
-    assert by_script.returncode == by_run_py.returncode == 0, by_script.stderr
-    assert by_script.stdout == by_run_py.stdout and "latent_dim: 2" in by_run_py.stdout
+def test_run_py_vae_lab_and_python_m_compose_the_same_config():
+    outputs = [
+        run_cli("--cfg", "job", "model.latent_dim=2", executable=executable)
+        for executable in ((sys.executable, "run.py"), (vae_lab_script(),), (sys.executable, "-m", "vae_lab"))
+    ]
+    for result in outputs:
+        assert result.returncode == 0, result.stderr
+    assert outputs[0].stdout == outputs[1].stdout == outputs[2].stdout
+    assert "latent_dim: 2" in outputs[0].stdout
 
 
 def test_every_task_name_has_a_task_function():
@@ -42,7 +63,95 @@ def test_every_task_name_has_a_task_function():
 
 
 def test_help_lists_the_groups_and_examples():
-    result = run_cli("--help")
+    result = run_cli("--help", executable=(sys.executable, "-m", "vae_lab"))
     assert result.returncode == 0
-    assert "experiment: alpha_latent_sweep, gpu_fast, optuna_search, quick, reference" in result.stdout
+    experiments = next(line for line in result.stdout.splitlines() if line.startswith("experiment: "))
+    assert "quick" in experiments and "reference" in experiments  # a subset: recipes get added
     assert "python run.py task=evaluate evaluate.checkpoint=outputs/<date>/<time>" in result.stdout
+
+
+def test_an_unknown_option_names_its_group_and_the_known_options():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        with pytest.raises(MissingConfigException) as error:
+            compose(config_name="config", overrides=["model=transformer"])
+    assert "Available options in 'model'" in str(error.value) and "conv_vae" in str(error.value)
+
+
+def write_user_recipe(folder: Path) -> Path:
+    """A user's own experiment, outside the package: experiment/mine.yaml."""
+    (folder / "experiment").mkdir(parents=True)
+    (folder / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /data: mnist_5k\nmodel:\n  latent_dim: 3\ntrain:\n  epochs: 7\n"
+    )
+    return folder
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_a_users_own_configs_are_found_beside_the_packaged_ones(tmp_path, how):
+    folder = write_user_recipe(tmp_path / "my_conf")
+    where = ["--config-dir", str(folder)] if how == "--config-dir" else [f"hydra.searchpath=[file://{folder}]"]
+    result = run_cli(*where, "experiment=mine", "--cfg", "job", executable=(sys.executable, "-m", "vae_lab"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert (cfg["model"]["latent_dim"], cfg["train"]["epochs"], cfg["data"]["name"]) == (3, 7, "mnist_5k")
+    assert cfg["optim"]["_target_"] == "torch.optim.Adam"  # the packaged groups are still there
+
+
+def test_training_ends_with_the_run_directory_the_files_to_open_and_the_numbers(tmp_path):
+    outcome = run_task(compose_config("train.epochs=1", "data.limit=64", "train.evaluate_at_end=true"), tmp_path)
+    assert outcome.run_dir == tmp_path
+    assert outcome.open_next[:3] == ("results/reconstruction.png", "results/random_generation.png", "results/latent_embedding.png")
+    for name in outcome.open_next:
+        assert (tmp_path / name).exists(), name
+    assert set(outcome.headline) == {"test -ELBO", "IW bound (k=5)", "active units"}
+    last_lines = (tmp_path / "run.log").read_text().strip().splitlines()[-3:]
+    assert last_lines[0].endswith(f"run directory: {tmp_path}")
+    assert last_lines[1] == "  open next: " + "  ".join(outcome.open_next)
+    assert last_lines[2].startswith("  test -ELBO ") and "nats" in last_lines[2]
+    # task=evaluate ends with the same block: tests/test_evaluate.py's round trip checks it.
+
+
+def test_without_evaluation_the_block_points_at_the_progress_images(tmp_path):
+    outcome = run_task(compose_config("train.epochs=1", "data.limit=64"), tmp_path)
+    for name in outcome.open_next:
+        assert (tmp_path / name).exists(), name
+    assert outcome.headline["epochs"] == "1" and "test -ELBO" in outcome.headline
+
+
+@pytest.mark.parametrize("threads, launcher, cores, expected", [
+    (None, None, 8, None),                                                              # torch's default
+    (3, None, 8, 3),                                                                    # the user's setting
+    (None, {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}, 8, 4),
+    (None, {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 3}, 2, 1),
+    (None, {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": -1}, 8, 1),
+    (None, {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": -3}, 8, 1),  # 6 at once
+    (2, {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 4}, 8, 2),
+    (None, {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "cpus_per_task": None}, 8, 1),
+    (None, {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "cpus_per_task": 4}, 8, 4),
+    (None, {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 8, None),  # one job at a time
+])
+def test_threads_per_job(threads, launcher, cores, expected):
+    assert threads_per_job(threads, launcher, cores) == expected
+
+
+def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        run_task(compose_config("threads=1", "train.epochs=1", "data.limit=32"), tmp_path)
+        assert torch.get_num_threads() == 1
+        assert "torch threads: 1 (threads=1)" in (tmp_path / "run.log").read_text()
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(ConfigError, match=f"threads={bad!r}" if bad == "two" else f"threads={bad} is not allowed"):
+            run_task(compose_config(f"threads={bad}"), tmp_path / bad)
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_gives_each_job_its_share_of_the_cores(tmp_path):
+    result = run_cli("-m", *TINY, "train.epochs=1", "data.limit=32", "train.alpha=0.5,1.0", "hydra/launcher=joblib",
+                     "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for job in ("0", "1"):
+        assert f"torch threads: {max(1, cores // 2)} (JoblibLauncher runs jobs side by side)" in (tmp_path / job / "run.log").read_text()

@@ -1,13 +1,12 @@
 """The evaluate task: the round trip from training, the likelihood report, the figures."""
-import csv
 import json
 import os
 import stat
 
 import pytest
 import torch
-from PIL import Image
 
+from conftest import assert_png, read_metrics
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.errors import VaeLabError
@@ -27,23 +26,12 @@ def trained(tmp_path_factory):
     return run_dir
 
 
-def last_metrics_row(run_dir):
-    with (run_dir / "metrics.csv").open() as file:
-        return list(csv.DictReader(file))[-1]
-
-
-def assert_png(path):
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
-    with Image.open(path) as image:
-        image.verify()
-        assert image.size[0] > 100 and image.size[1] > 100
-
-
 def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
     # Only the checkpoint is named: latent_dim=4 comes back from the file.
-    neg_elbo = run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path)
+    outcome = run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path)
+    neg_elbo = outcome.value
     report = json.loads((tmp_path / "results" / "metrics.json").read_text())
-    row = last_metrics_row(trained)
+    row = read_metrics(trained)[-1]
     assert report["objective"] == pytest.approx(float(row["test_loss"]), abs=1e-4)
     assert report["recon"] == pytest.approx(float(row["test_recon"]), abs=1e-4)
     assert report["neg_elbo"] == pytest.approx(report["recon"] + report["kl"]) == neg_elbo
@@ -55,7 +43,12 @@ def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
     assert 0 < report["mse_per_pixel"] < 1
     for name in FIGURES:
         assert_png(tmp_path / "results" / name)
-    assert "likelihood report" in (tmp_path / "run.log").read_text()
+    log = (tmp_path / "run.log").read_text()
+    assert "likelihood report" in log
+    # It ends saying where the results went and what to open.
+    assert outcome.run_dir == tmp_path and f"run directory: {tmp_path}" in log.strip().splitlines()[-3]
+    assert outcome.open_next[0] == "results/reconstruction.png" and all((tmp_path / name).is_file() for name in outcome.open_next)
+    assert outcome.headline["test -ELBO"] == f"{neg_elbo:.2f} nats"
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700

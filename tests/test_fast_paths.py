@@ -1,17 +1,15 @@
 """The GPU fast paths (bf16 autocast, torch.compile, channels_last, fused Adam) are checked for
 correctness on the CPU: each trains to the losses of the plain path."""
-import csv
-
 import pytest
 
+from conftest import read_metrics
 from vae_lab.cli import run_task
 
 SMALL = ["train.epochs=1", "data.limit=128"]
 
 
 def losses(run_dir):
-    with (run_dir / "metrics.csv").open() as file:
-        row = list(csv.DictReader(file))[-1]
+    row = read_metrics(run_dir)[-1]
     return float(row["train_loss"]), float(row["test_loss"])
 
 

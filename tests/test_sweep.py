@@ -1,5 +1,4 @@
 """Sweeps through the real CLI: job directories, the summary, failures, launchers, summarize."""
-import csv
 import json
 import shutil
 import subprocess
@@ -8,8 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO
-from test_evaluate import assert_png
+from conftest import REPO, assert_png, read_csv
 from vae_lab.cli import _missing_plugin, run_task
 
 # Smaller than TINY: a sweep job is a whole process; evaluation stays on so the summary has results.
@@ -28,8 +26,7 @@ def sweep(sweep_dir, *overrides, timeout=600):
 
 
 def read_summary(sweep_dir):
-    with (sweep_dir / "summary.csv").open() as file:
-        return list(csv.DictReader(file))
+    return read_csv(sweep_dir / "summary.csv")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +37,7 @@ def sweep_2x2(tmp_path_factory):
     return sweep_dir, result
 
 
+@pytest.mark.slow
 def test_a_2x2_sweep_gives_four_job_directories_and_one_summary(sweep_2x2):
     sweep_dir, result = sweep_2x2
     for job in ("0", "1", "2", "3"):
@@ -59,6 +57,7 @@ def test_a_2x2_sweep_gives_four_job_directories_and_one_summary(sweep_2x2):
     assert "sweep summary:" in result.stdout
 
 
+@pytest.mark.slow
 def test_summarize_rebuilds_an_interrupted_sweep(sweep_2x2, make_cfg, tmp_path):
     sweep_dir = tmp_path / "copy"
     shutil.copytree(sweep_2x2[0], sweep_dir)
@@ -66,13 +65,17 @@ def test_summarize_rebuilds_an_interrupted_sweep(sweep_2x2, make_cfg, tmp_path):
         (sweep_dir / name).unlink()
     (sweep_dir / "3" / "job.json").unlink()  # as if job 3 was killed
     shutil.rmtree(sweep_dir / "3" / "results")
-    best = run_task(make_cfg("task=summarize", f"summarize.sweep_dir={sweep_dir}"), tmp_path / "run")
+    outcome = run_task(make_cfg("task=summarize", f"summarize.sweep_dir={sweep_dir}"), tmp_path / "run")
+    best = outcome.value
+    assert outcome.run_dir == sweep_dir and outcome.headline["jobs completed"] == "3 of 4"
+    assert all((sweep_dir / name).is_file() for name in outcome.open_next)
     rows = read_summary(sweep_dir)
     assert [r["status"] for r in rows] == ["completed"] * 3 + ["not finished (epoch 1)"]
     assert best == pytest.approx(min(float(r["neg_elbo"]) for r in rows[:3] + rows[3:]))
     assert_png(sweep_dir / "summary.png")
 
 
+@pytest.mark.slow
 def test_a_failing_job_is_summarised_and_fails_the_sweep_with_joblib(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, "model.latent_dim=2,0", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
@@ -84,6 +87,7 @@ def test_a_failing_job_is_summarised_and_fails_the_sweep_with_joblib(tmp_path):
     assert (sweep_dir / "0" / "results" / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, "train.alpha=0.5,1.0", "hydra/launcher=submitit_local")
@@ -91,6 +95,7 @@ def test_submitit_local_launcher_runs_a_sweep(tmp_path):
     assert [r["status"] for r in read_summary(sweep_dir)] == ["completed", "completed"]
 
 
+@pytest.mark.slow
 def test_optuna_search_minimises_the_test_neg_elbo(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = sweep(sweep_dir, "experiment=optuna_search", "hydra.sweeper.n_trials=2")

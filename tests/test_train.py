@@ -1,5 +1,4 @@
 """The train task through the real config: artefacts, exact resume, reproducibility, fallback."""
-import csv
 import math
 import os
 import stat
@@ -7,20 +6,16 @@ import stat
 import pytest
 import torch
 
+from conftest import read_metrics
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.errors import ConfigError
 from vae_lab.loggers import METRIC_COLUMNS
 
 
-def read_metrics(run_dir):
-    with (run_dir / "metrics.csv").open() as file:
-        return list(csv.DictReader(file))
-
-
 def test_two_epochs_write_the_run_directory_contract(make_cfg, tmp_path):
     cfg = make_cfg("train.checkpoint_every=1", "train.plot_every=1")
-    final = run_task(cfg, tmp_path)
+    final = run_task(cfg, tmp_path).value
 
     rows = read_metrics(tmp_path)
     assert list(rows[0]) == list(METRIC_COLUMNS)

@@ -1,6 +1,7 @@
 """The command line: Hydra composes the config, `run_task` picks the task and runs it.
 
-`python run.py ...` and the `vae-lab ...` console script are this same `main`.
+`python run.py ...`, `python -m vae_lab ...` and the `vae-lab ...` console script are
+this same `main`.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -17,16 +19,32 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae_lab.errors import VaeLabError
+from vae_lab.outcome import TaskOutcome, closing_block
 from vae_lab.validate import validate
 
 # Nothing here imports torch: a config error or `--help` answers in a fraction of a second.
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def find_config_dir() -> Path:
+    """The configs: vae_lab/conf inside an installed wheel, else conf/ of the checkout.
+
+    A wheel or `pip install .` ships the repository's conf/ as the vae_lab.conf package
+    (setup.cfg's package_dir); a checkout, and an editable install of one, read conf/
+    beside the package, so an edit there takes effect at once.
+    """
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    return package.parent / "conf"  # absent: main() says so
+
+
+CONFIG_DIR = find_config_dir()  # the one answer: the CLI, the tests and the benchmarks all use it
 USER_ERROR_EXIT = 2
 # Hydra plugins behind the optional extras: the override that needs one -> (module, extra).
 PLUGINS = {
@@ -62,11 +80,63 @@ TASK_FUNCTIONS = {"train": _train, "evaluate": _evaluate, "summarize": _summariz
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
-def run_task(cfg: DictConfig, run_dir: Path):
-    """Check the config, then run the task it names with `run_dir` as the run directory."""
+def run_task(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
+    """Check the config, set torch's threads, run the task it names in `run_dir`, say where it went."""
     validate(cfg)
     with log_file(run_dir / "run.log"):
-        return TASK_FUNCTIONS[cfg.task](cfg, run_dir)
+        set_threads(cfg.get("threads"))
+        outcome = TASK_FUNCTIONS[cfg.task](cfg, run_dir)
+        log.info("%s", closing_block(outcome))
+    return outcome
+
+
+def set_threads(threads: int | None) -> None:
+    """torch.set_num_threads before any work: `threads`, else a share of the cores in a parallel sweep."""
+    launcher = _parallel_launcher()
+    count = threads_per_job(threads, launcher, _cores())
+    if count is None:
+        return
+    import torch  # only here: `--help` and config errors should not wait for torch
+
+    torch.set_num_threads(count)
+    reason = "threads=" + str(threads) if threads is not None else f"{launcher.get('_target_', '').rpartition('.')[2]} runs jobs side by side"
+    log.info("torch threads: %d (%s)", count, reason)
+
+
+def threads_per_job(threads: int | None, launcher: dict | None, cores: int) -> int | None:
+    """The thread count for this process, or None for torch's default.
+
+    The user's `threads` wins. A launcher that runs jobs at once on this machine gives
+    each job cores // (jobs at once): joblib runs hydra.launcher.n_jobs at once
+    (negative counts back from the cores, as joblib does); submitit_local starts every
+    job of the sweep at once and a job cannot tell how many there are, so it gets
+    hydra.launcher.cpus_per_task threads if set, else 1.
+    """
+    if threads is not None:
+        return threads
+    target = (launcher or {}).get("_target_", "")
+    if target.endswith("JoblibLauncher"):
+        n_jobs = launcher.get("n_jobs") or 1
+        at_once = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)
+        return max(1, cores // at_once)
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        return launcher.get("cpus_per_task") or 1
+    return None
+
+
+def _parallel_launcher() -> dict | None:
+    """The launcher's settings when this process is a job of a multirun, else None."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return OmegaConf.to_container(hydra_cfg.launcher, resolve=True)
+
+
+def _cores() -> int:
+    """The cores this process may run on (taskset and cgroups' CPU sets included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager
@@ -104,7 +174,7 @@ def hydra_main(cfg: DictConfig):
     if hydra_cfg.mode == RunMode.MULTIRUN:
         return _sweep_job(cfg, run_dir)
     try:
-        return run_task(cfg, run_dir)
+        return run_task(cfg, run_dir).value
     except VaeLabError as error:
         log.error("%s", error)
         sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
@@ -120,7 +190,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> float:
     status = {"status": "completed", "error": ""}
     value = math.nan
     try:
-        value = run_task(cfg, run_dir)
+        value = run_task(cfg, run_dir).value
     except VaeLabError as error:
         log.error("%s", error)
         status = {"status": "failed", "error": str(error)}
@@ -132,6 +202,13 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> float:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.json").write_text(json.dumps(status, indent=2) + "\n")
     return value
+
+
+def _missing_config_dir() -> str | None:
+    if (CONFIG_DIR / "config.yaml").is_file():
+        return None
+    return (f"error: no configs at {CONFIG_DIR}: this vae_lab install is incomplete. "
+            "Reinstall it (pip install .) or run from a checkout that has conf/.")
 
 
 def _missing_plugin(arguments: list[str]) -> str | None:
@@ -173,8 +250,8 @@ def _output_dir_problem(arguments: list[str]) -> str | None:
 
 
 def main() -> None:
-    """`python run.py` / `vae-lab`: refuse early what Hydra would report badly, then run Hydra."""
-    message = _missing_plugin(sys.argv[1:]) or _output_dir_problem(sys.argv[1:])
+    """`python run.py` / `vae-lab` / `python -m vae_lab`: refuse early what Hydra would report badly, then run Hydra."""
+    message = _missing_config_dir() or _missing_plugin(sys.argv[1:]) or _output_dir_problem(sys.argv[1:])
     if message:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

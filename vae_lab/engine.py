@@ -60,7 +60,7 @@ def run_epoch(
     batches = list(index_batches(n, batch_size, generator=generator if training else None, device=device))
     bar = tqdm(batches, desc=description, leave=False, disable=None, dynamic_ncols=True, unit="batch")
     seen = 0
-    with torch.set_grad_enabled(training):
+    with torch.set_grad_enabled(training), bar:  # the bar is closed (its line cleared) before any error is printed
         for step, index in enumerate(bar, start=1):
             x = images[index]
             if dynamic_binarization and training:

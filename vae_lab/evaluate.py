@@ -23,6 +23,7 @@ from vae_lab.checkpoint import data_config_here, load_checkpoint, load_model_wei
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
+from vae_lab.outcome import TaskOutcome, evaluation_outcome
 from vae_lab.runtime import build, build_vae, resolve_device
 
 log = logging.getLogger(__name__)
@@ -32,14 +33,14 @@ PRIOR_QUANTILE_DRAWS = 20_000  # prior samples behind the traversal's quantiles
 INTERPOLATION_PAIRS = 8
 
 
-def evaluate(cfg: DictConfig, run_dir: Path) -> float:
-    """The task: evaluate cfg.evaluate.checkpoint into run_dir/results; return the test -ELBO."""
+def evaluate(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
+    """The task: evaluate cfg.evaluate.checkpoint into run_dir/results; its value is the test -ELBO."""
     if not cfg.evaluate.checkpoint:
         raise ConfigError(
             "evaluate.checkpoint is not set: pass evaluate.checkpoint=PATH, a checkpoint file "
             "or a training run's directory (e.g. outputs/<date>/<time>)."
         )
-    return evaluate_checkpoint(cfg, cfg.evaluate.checkpoint, run_dir / "results")["neg_elbo"]
+    return evaluation_outcome(run_dir, evaluate_checkpoint(cfg, cfg.evaluate.checkpoint, run_dir / "results"))
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Path) -> dict:

@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vae_lab.errors import ConfigError
+from vae_lab.outcome import TaskOutcome, summary_outcome
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,15 @@ class SweepSummary(Callback):
             sys.exit(1)
 
 
-def summarize(cfg: DictConfig, run_dir: Path) -> float:
-    """The task: rebuild the summary of cfg.summarize.sweep_dir; return the best main metric."""
+def summarize(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
+    """The task: rebuild the summary of cfg.summarize.sweep_dir; its value is the best main metric."""
     sweep_dir = cfg.summarize.sweep_dir
     if not sweep_dir:
         raise ConfigError("summarize.sweep_dir is not set: pass summarize.sweep_dir=multirun/<date>/<time>")
     rows, swept = write_summary(Path(sweep_dir))
     log.info("summary of %d jobs written to %s\n%s", len(rows), Path(sweep_dir) / "summary.md", markdown_table(rows, swept))
     values = [row[MAIN_METRIC] for row in rows if isinstance(row[MAIN_METRIC], float)]
-    return min(values) if values else math.nan
+    return summary_outcome(Path(sweep_dir), min(values) if values else math.nan, rows, MAIN_METRIC)
 
 
 def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:

@@ -28,6 +28,7 @@ from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.objectives import Objective
+from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,12 @@ class TrainingInterrupted(VaeLabError):
         self.exit_code = 128 + signal_number
 
 
-def train(cfg: DictConfig, run_dir: Path) -> float:
+def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     """Train a VAE as `cfg` says, writing into `run_dir`.
 
-    Returns the final test loss (or, with train.return_metric=test_neg_elbo, the test
-    -ELBO at alpha = 1, which compares across alphas) for sweepers to minimise.
+    Returns what was written and, as its value for sweepers to minimise, the final test
+    loss (or, with train.return_metric=test_neg_elbo, the test -ELBO at alpha = 1, which
+    compares across alphas).
     """
     device = resolve_device(cfg.device)
     _refuse_used_run_dir(run_dir)
@@ -135,11 +137,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
 
     final = history[-1]
     log.info("done: test loss %.3f (recon %.3f, kl %.3f) after %d epochs", final["test_loss"], final["test_recon"], final["test_kl"], epoch)
+    report = None
     if cfg.train.evaluate_at_end:
         from vae_lab.evaluate import evaluate_checkpoint
 
-        evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
-    return final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
+        report = evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
+    value = final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
+    return training_outcome(run_dir, value, final, report)
 
 
 class Training(NamedTuple):

@@ -21,6 +21,7 @@ def validate(cfg: DictConfig) -> None:
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
     _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
+    _check(cfg, "threads", lambda v: v is None or _is_positive_int(v), "null (torch's default) or a whole number >= 1")
     _check(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
     for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
