@@ -348,7 +348,9 @@ MALFORMED = [
     ("history ahead of epoch", lambda s: {**s, "history": s["history"] * 2}, f"{WELL_FORMED} (history holds 2 rows for epoch 1)"),
     ("history row with a foreign column", lambda s: {**s, "history": [{**s["history"][0], "shell": "rm -rf"}]},
      f"{WELL_FORMED} (history is not a list of metrics.csv rows)"),
-    ("unknown data set", _set("data", "cifar10"), f"{WELL_FORMED} (data is 'cifar10', not one of mnist, fashion_mnist, mnist_5k)"),
+    # A user's own data set has a name of its own, so any name is accepted; it must be one.
+    ("data set that is not a name", _set("data", 42), f"{WELL_FORMED} (data is 42, not the name of a data set)"),
+    ("image shape that is not one", _set("image_shape", [1, 28]), f"{WELL_FORMED} (image_shape is [1, 28], not (channels, height, width))"),
     ("digest not a digest", _set(checkpoint.DIGEST_KEY, "abc"), f"{WELL_FORMED} (model_sha256 is not a sha256 digest)"),
     ("NaN weight", _weight(float("nan")), "its weights hold NaN or infinite values (encoder_conv.0.weight)"),
     ("infinite weight", _weight(float("inf")), "its weights hold NaN or infinite values (encoder_conv.0.weight)"),
