@@ -123,7 +123,9 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> float:
         value = run_task(cfg, run_dir)
     except VaeLabError as error:
         log.error("%s", error)
-        status = {"status": "failed", "error": str(error)}
+        # A signal (Ctrl-C, or SIGTERM from `scancel` or a pre-empting scheduler) exits above 128.
+        stopped = getattr(error, "exit_code", USER_ERROR_EXIT) > 128
+        status = {"status": "interrupted" if stopped else "failed", "error": str(error)}
     except Exception as error:  # a bug: keep its traceback in run.log, and the sweep going
         log.exception("job failed")
         status = {"status": "failed", "error": f"{type(error).__name__}: {error}"}

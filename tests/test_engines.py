@@ -1,0 +1,159 @@
+"""Sweeps on real engines: a local SLURM cluster (scripts/slurm-local.sh), a local Ray
+instance, MLflow tracking read back through its client, and an Optuna study that
+continues after an interruption.
+
+Each engine that this machine cannot host is skipped with the reason printed (`-ra`).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+SLURM_SCRIPT = REPO / "scripts" / "slurm-local.sh"
+# A sweep job is a whole process (a SLURM job, a Ray task): the smallest job that still evaluates.
+JOB = [
+    "device=cpu", "data=mnist_5k", "data.limit=64", "train.epochs=1", "train.batch_size=32",
+    "evaluate.batch_size=64", "evaluate.iw_samples=2", "evaluate.embedding_points=64",
+    "evaluate.reconstruction_rows=1", "evaluate.generation_samples=16",
+]
+# The slurm preset asks for what a GPU job on a real cluster needs; the loopback node has 1 GB to spare and no GPU.
+SMALL_SLURM_JOB = [
+    "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10",
+]
+
+
+def read_summary(sweep_dir: Path) -> list[dict]:
+    with (sweep_dir / "summary.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def job_id(job_dir: Path) -> str:
+    """The scheduler's id of a job, as Hydra recorded it in the job's folder."""
+    return str(yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
+
+
+def assert_complete(job_dir: Path) -> None:
+    for name in ("metrics.csv", "checkpoints/last.pt", "progress/loss_curves.png", "results/metrics.json", "run.log"):
+        assert (job_dir / name).is_file(), f"{job_dir}/{name}"
+    assert json.loads((job_dir / "job.json").read_text())["status"] == "completed"
+
+
+# --- SLURM ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """The environment of a shell that talks to the local cluster; started here if it is not running.
+
+    Only a cluster this fixture started is stopped afterwards.
+    """
+    if shutil.which("bash") is None:
+        pytest.skip("SLURM: no bash to run scripts/slurm-local.sh")
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        pytest.skip("SLURM: hydra-submitit-launcher is not installed: pip install -e '.[slurm]'")
+    was_running = subprocess.run([SLURM_SCRIPT, "status"], capture_output=True, text=True).returncode == 0
+    started = subprocess.run([SLURM_SCRIPT, "start"], capture_output=True, text=True, timeout=300)
+    if started.returncode != 0:
+        reason = (started.stderr or started.stdout).strip().splitlines()[-1]
+        pytest.skip(f"SLURM: {reason}")
+    conf = started.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    yield {**os.environ, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1"}
+    if not was_running:
+        subprocess.run([SLURM_SCRIPT, "stop"], capture_output=True, timeout=120)
+
+
+def slurm(arguments: list[str], env: dict) -> str:
+    return subprocess.run(arguments, capture_output=True, text=True, env=env, check=True, timeout=60).stdout
+
+
+def accounted_states(job_ids: list[str], env: dict) -> dict[str, str]:
+    """sacct's state of each job (its allocation line, not the batch/step lines)."""
+    out = slurm(["sacct", "--noheader", "--parsable2", "-o", "JobID,State", *[f"-j{j}" for j in job_ids]], env)
+    states = dict(line.split("|") for line in out.splitlines() if line)
+    return {j: states.get(j, "") for j in job_ids}
+
+
+def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "run.py", "-m", *JOB, *SMALL_SLURM_JOB, *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_a_sweep_runs_as_slurm_jobs_and_sacct_records_them(slurm_env, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    process = start_sweep(sweep_dir, ["train.alpha=0.1,1.0"], slurm_env)
+    queued = set()
+    while process.poll() is None:  # what squeue sees while the sweep runs
+        queued |= set(slurm(["squeue", "--noheader", "--array", "--format=%i"], slurm_env).split())
+        time.sleep(0.5)
+    out, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+
+    ids = [job_id(sweep_dir / job) for job in ("0", "1")]
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_0", f"{array}_1"]  # one SLURM array, one task per sweep point
+    assert set(ids) <= queued
+    assert accounted_states(ids, slurm_env) == dict.fromkeys(ids, "COMPLETED")
+    for job in ("0", "1"):
+        assert_complete(sweep_dir / job)
+        assert (sweep_dir / ".submitit" / job_id(sweep_dir / job)).is_dir()
+    rows = read_summary(sweep_dir)
+    assert [(row["train.alpha"], row["status"]) for row in rows] == [("0.1", "completed"), ("1.0", "completed")]
+    assert "sweep summary:" in out
+
+
+def test_a_failed_and_a_cancelled_slurm_job_are_reported_and_the_others_finish(slurm_env, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # latent_dim=0 fails its config check; latent_dim=3 is cancelled with scancel after its first epoch.
+    long = ["train.epochs=150", "train.checkpoint_every=1000", "train.plot_every=1000"]
+    process = start_sweep(sweep_dir, ["model.latent_dim=0,2,3", *long], slurm_env)
+    try:
+        cancelled = _cancel_after_first_epoch(sweep_dir / "2", slurm_env)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, err[-3000:]
+
+    rows = {row["model.latent_dim"]: row for row in read_summary(sweep_dir)}
+    assert rows["0"]["status"] == "failed" and "model.latent_dim=0 is not allowed" in rows["0"]["error"]
+    assert rows["2"]["status"] == "completed"
+    assert_complete(sweep_dir / "1")
+    assert rows["3"]["status"] == "interrupted" and "train.resume=" in rows["3"]["error"]
+    assert 1 <= int(rows["3"]["epochs"]) < 150
+    assert (sweep_dir / "2" / "checkpoints" / "last.pt").is_file()  # what the resume command names
+    assert "error: 2 of 3 jobs did not complete" in err
+    states = accounted_states([job_id(sweep_dir / job) for job in ("0", "1", "2")], slurm_env)
+    assert states[cancelled].startswith("CANCELLED")
+    assert list(states.values()).count("COMPLETED") == 2  # the failed job itself ended cleanly
+
+
+def _cancel_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:
+    """scancel the job of `job_dir` once its metrics.csv has an epoch; return its id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = job_dir / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            job = job_id(job_dir)
+            assert slurm(["squeue", "--noheader", "--array", f"--jobs={job}", "--format=%T"], env).strip() == "RUNNING"
+            slurm(["scancel", job], env)
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"{job_dir} never started an epoch")
