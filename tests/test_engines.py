@@ -157,3 +157,101 @@ def _cancel_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) ->
             return job
         time.sleep(0.2)
     raise AssertionError(f"{job_dir} never started an epoch")
+
+
+# --- Ray --------------------------------------------------------------------------------
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+    reason="Ray: hydra-ray-launcher is not installed: pip install -e '.[ray]'",
+)
+
+
+@pytest.fixture
+def ray_dir():
+    """Ray's session folder, short: its socket paths must stay under the 107 characters Unix allows."""
+    folder = Path(tempfile.mkdtemp(prefix="vl-ray-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def processes_using(text: str) -> list[str]:
+    """Command lines of the live processes that mention `text` (a Ray session folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def ray_sweep(sweep_dir: Path, ray_dir: Path, init: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "run.py", "-m", *JOB, "hydra/launcher=ray_cluster", "train.alpha=0.1,1.0",
+         *init, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=300,
+    )
+
+
+def ray_env() -> dict:
+    # Token authentication on (Ray's ports listen on every interface); the driver must
+    # be told so to send the token that `ray start` wrote to ~/.ray/auth_token.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+
+def assert_stopped(ray_dir: Path) -> None:
+    deadline = time.monotonic() + 30
+    while processes_using(str(ray_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_using(str(ray_dir)) == []
+
+
+def assert_ray_sweep(sweep_dir: Path, result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ray Launcher is launching 2 jobs" in result.stderr + result.stdout
+    for job in ("0", "1"):
+        assert_complete(sweep_dir / job)
+    assert [(row["train.alpha"], row["status"]) for row in read_summary(sweep_dir)] == [("0.1", "completed"), ("1.0", "completed")]
+
+
+@needs_ray
+def test_a_sweep_runs_on_a_local_ray_instance_that_stops_with_it(tmp_path, ray_dir):
+    bounded = [
+        "hydra.launcher.ray.init.num_cpus=2", "hydra.launcher.ray.init.object_store_memory=78643200",
+        "+hydra.launcher.ray.init._node_ip_address=127.0.0.1", f"+hydra.launcher.ray.init._temp_dir={ray_dir}",
+    ]
+    result = ray_sweep(tmp_path / "sweep", ray_dir, bounded)
+    assert_ray_sweep(tmp_path / "sweep", result)
+    assert list(ray_dir.glob("session_*")), "Ray did not use the session folder given to it"
+    assert_stopped(ray_dir)
+
+
+@needs_ray
+def test_a_sweep_joins_a_running_ray_cluster(tmp_path, ray_dir):
+    """The plugin's own preset injects object_store_memory, which Ray refuses when joining; ray_cluster does not."""
+    port, client_port = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [Path(sys.executable).parent / "ray", "start", "--head", "--block", f"--port={port}",
+         f"--ray-client-server-port={client_port}", "--num-cpus=2", "--object-store-memory=78643200",
+         "--include-dashboard=false", f"--temp-dir={ray_dir}", "--disable-usage-stats"],
+        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        result = ray_sweep(tmp_path / "sweep", ray_dir, [f"hydra.launcher.ray.init.address=127.0.0.1:{port}"])
+        assert "Connecting to existing Ray cluster" in result.stderr + result.stdout
+        assert_ray_sweep(tmp_path / "sweep", result)
+    finally:
+        head.terminate()  # --block: the head's processes stop with it
+        head.wait(timeout=60)
+    assert_stopped(ray_dir)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -37,6 +37,7 @@ PLUGINS = {
     "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "hydra/launcher=ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+    "hydra/launcher=ray_cluster": ("hydra_plugins.hydra_ray_launcher", "ray"),
 }
 
 
