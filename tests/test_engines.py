@@ -255,3 +255,53 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# --- MLflow -----------------------------------------------------------------------------
+
+needs_mlflow = pytest.mark.skipif(
+    importlib.util.find_spec("mlflow") is None, reason="MLflow: mlflow is not installed: pip install -e '.[mlflow]'"
+)
+
+
+@needs_mlflow
+def test_mlflow_records_each_sweep_job_as_a_run_beside_csv_and_tensorboard(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "run.py", "-m", *JOB, "train.epochs=2", "train.plot_every=1", "train.alpha=0.1,1.0",
+         "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.tracking_uri={store}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("vae_lab")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{sweep_dir.resolve()}'")
+    by_job = {run.data.tags["job"]: run for run in runs}
+    assert sorted(by_job) == ["0", "1"]
+    for job, alpha in (("0", "0.1"), ("1", "1.0")):
+        run, job_dir = by_job[job], sweep_dir / job
+        assert run.info.status == "FINISHED" and run.info.run_name == f"sweep/{job}"
+        assert run.data.params["train.alpha"] == alpha and run.data.params["model._target_"] == "vae_lab.model.ConvVAE"
+        with (job_dir / "metrics.csv").open() as file:
+            rows = list(csv.DictReader(file))
+        history = client.get_metric_history(run.info.run_id, "test_loss")
+        assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), pytest.approx(float(r["test_loss"]))) for r in rows]
+        report = json.loads((job_dir / "results" / "metrics.json").read_text())
+        assert run.data.metrics["final/neg_elbo"] == pytest.approx(report["neg_elbo"])
+        assert run.data.metrics["final/active_units"] == report["active_units"]
+        artifacts = _artifact_paths(client, run.info.run_id)
+        assert {"config.yaml", "progress/reconstruction_0001.png", "progress/samples_0002.png",
+                "progress/loss_curves.png", "results/metrics.json"} <= artifacts
+        assert {f"results/{p.name}" for p in (job_dir / "results").glob("*.png")} <= artifacts
+        assert list((job_dir / "tensorboard").glob("events.out.tfevents.*"))  # the loggers compose
+
+
+def _artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, folder):
+        paths |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths

@@ -75,7 +75,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
     checkpoints = run_dir / "checkpoints"
     logger = build(cfg.logger)(run_dir)
-    logger.start(history)
+    logger.start(history, config)
     progress_inputs = _progress_inputs(data.test_images, model.latent_dim, cfg, device)
     saved_epoch = start_epoch
 
@@ -128,7 +128,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     if cfg.train.evaluate_at_end:
         from vae_lab.evaluate import evaluate_checkpoint
 
-        evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
+        report = evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
+        logger.log_report(report, run_dir / "results")
     return final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
 
 
