@@ -3,6 +3,7 @@ instance, MLflow tracking read back through its client, and an Optuna study that
 continues after an interruption.
 
 Each engine that this machine cannot host is skipped with the reason printed (`-ra`).
+All but the config checks at the end are in the slow tier (`-m slow`).
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import pytest
 import yaml
 
 from conftest import REPO
-
-pytestmark = pytest.mark.slow
 
 SLURM_SCRIPT = REPO / "scripts" / "slurm-local.sh"
 # A sweep job is a whole process (a SLURM job, a Ray task): the smallest job that still evaluates.
@@ -96,6 +95,7 @@ def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> subprocess.
     )
 
 
+@pytest.mark.slow
 def test_a_sweep_runs_as_slurm_jobs_and_sacct_records_them(slurm_env, tmp_path):
     sweep_dir = tmp_path / "sweep"
     process = start_sweep(sweep_dir, ["train.alpha=0.1,1.0"], slurm_env)
@@ -119,6 +119,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_sacct_records_them(slurm_env, tmp_path):
     assert "sweep summary:" in out
 
 
+@pytest.mark.slow
 def test_a_failed_and_a_cancelled_slurm_job_are_reported_and_the_others_finish(slurm_env, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # latent_dim=0 fails its config check; latent_dim=3 is cancelled with scancel after its first epoch.
@@ -217,6 +218,7 @@ def assert_ray_sweep(sweep_dir: Path, result: subprocess.CompletedProcess) -> No
     assert [(row["train.alpha"], row["status"]) for row in read_summary(sweep_dir)] == [("0.1", "completed"), ("1.0", "completed")]
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_sweep_runs_on_a_local_ray_instance_that_stops_with_it(tmp_path, ray_dir):
     bounded = [
@@ -229,6 +231,7 @@ def test_a_sweep_runs_on_a_local_ray_instance_that_stops_with_it(tmp_path, ray_d
     assert_stopped(ray_dir)
 
 
+@pytest.mark.slow
 @needs_ray
 def test_a_sweep_joins_a_running_ray_cluster(tmp_path, ray_dir):
     """The plugin's own preset injects object_store_memory, which Ray refuses when joining; ray_cluster does not."""
@@ -264,6 +267,7 @@ needs_mlflow = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 @needs_mlflow
 def test_mlflow_records_each_sweep_job_as_a_run_beside_csv_and_tensorboard(tmp_path):
     from mlflow.tracking import MlflowClient
@@ -305,3 +309,86 @@ def _artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
     for item in client.list_artifacts(run_id, folder):
         paths |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
     return paths
+
+
+# --- Optuna -----------------------------------------------------------------------------
+
+
+def _optuna_storage_unusable() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        optuna, sqlalchemy = (int(version(name).split(".")[0]) for name in ("optuna", "sqlalchemy"))
+    except PackageNotFoundError:
+        return "Optuna: not installed: pip install -e '.[sweep]'"
+    if optuna < 3 and sqlalchemy >= 2:
+        return "Optuna: optuna 2 cannot store studies with SQLAlchemy 2 here: pip install -e '.[sweep]' pins SQLAlchemy < 2"
+    return None
+
+
+def optuna_sweep(sweep_dir: Path, storage: str, *overrides: str) -> list[str]:
+    return [sys.executable, "run.py", "-m", *JOB, "train.evaluate_at_end=false", "experiment=optuna_search",
+            f"hydra.sweeper.storage={storage}", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_optuna_storage_unusable() is not None, reason=str(_optuna_storage_unusable()))
+def test_an_optuna_study_in_sqlite_continues_after_the_sweep_is_killed(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(optuna_sweep(tmp_path / "first", storage, "hydra.sweeper.n_trials=2"),
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # killed outright (a lost node, a time limit) once trial 0 is told and trial 1 is training
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "first" / "1" / "metrics.csv").is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        first.kill()
+        first.wait()
+    study = optuna.load_study(study_name="vae_lab_neg_elbo", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+
+    # A new sampler seed: the same seed would propose trial 0's point again.
+    second = subprocess.run(optuna_sweep(tmp_path / "second", storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=1"),
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Using an existing study" in second.stderr + second.stdout
+    trials = optuna.load_study(study_name="vae_lab_neg_elbo", storage=storage).trials
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING", "COMPLETE"]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
+    assert (tmp_path / "second" / "0" / "metrics.csv").is_file()
+
+
+
+# --- Config and command-line checks (fast) ------------------------------------------------
+
+
+def test_loggers_compose_from_a_list_and_csv_is_always_on(make_cfg, tmp_path):
+    from vae_lab.loggers import CSVLogger, Loggers, TensorBoardLogger
+    from vae_lab.runtime import build
+
+    pytest.importorskip("tensorboard", reason="logger=tensorboard needs the tensorboard package")
+    cfg = make_cfg("logger=[csv,tensorboard,mlflow]")
+    assert set(cfg.logger) == {"_target_", "_partial_", "tensorboard", "mlflow"}
+    assert cfg.logger.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
+    loggers = build(make_cfg("logger=tensorboard").logger)(tmp_path)
+    assert isinstance(loggers, Loggers) and [type(x) for x in loggers.loggers] == [CSVLogger, TensorBoardLogger]
+    loggers.close()
+    assert [type(x) for x in build(make_cfg().logger)(tmp_path).loggers] == [CSVLogger]
+
+
+def test_a_persistent_optuna_study_that_cannot_work_is_refused_with_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    from vae_lab.cli import _optuna_storage_problem
+
+    versions = {"optuna": "2.10.1", "sqlalchemy": "2.0.30"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    message = _optuna_storage_problem(["experiment=optuna_search", "hydra.sweeper.storage=sqlite:///optuna.db"])
+    assert message.startswith("error: hydra.sweeper.storage needs SQLAlchemy < 2") and "pip install -e '.[sweep]'" in message
+    assert _optuna_storage_problem(["experiment=optuna_search", "hydra.sweeper.storage=null"]) is None
+    versions["sqlalchemy"] = "1.4.54"
+    assert _optuna_storage_problem(["hydra.sweeper.storage=sqlite:///optuna.db"]) is None

@@ -148,6 +148,26 @@ def _missing_plugin(arguments: list[str]) -> str | None:
     return None
 
 
+def _optuna_storage_problem(arguments: list[str]) -> str | None:
+    """A persistent Optuna study that this install's optuna cannot open.
+
+    hydra-optuna-sweeper 1.3 allows only optuna 2, whose database storage fails on
+    SQLAlchemy 2 with a bare AssertionError deep in a traceback.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not any(a.startswith("hydra.sweeper.storage=") and a.split("=", 1)[1] not in ("", "null") for a in arguments):
+        return None
+    try:
+        optuna_major, sqlalchemy_major = (int(version(name).split(".")[0]) for name in ("optuna", "sqlalchemy"))
+    except PackageNotFoundError:
+        return None  # no Optuna at all: _missing_plugin names the extra
+    if optuna_major < 3 and sqlalchemy_major >= 2:
+        return ("error: hydra.sweeper.storage needs SQLAlchemy < 2 with optuna 2 (the Optuna that hydra-optuna-sweeper "
+                "allows); install the pinned extra: pip install -e '.[sweep]'")
+    return None
+
+
 def _output_dir_problem(arguments: list[str]) -> str | None:
     """Why an explicitly named run or sweep directory must not be used, checked before Hydra writes to it.
 
@@ -177,7 +197,7 @@ def _output_dir_problem(arguments: list[str]) -> str | None:
 
 def main() -> None:
     """`python run.py` / `vae-lab`: refuse early what Hydra would report badly, then run Hydra."""
-    message = _missing_plugin(sys.argv[1:]) or _output_dir_problem(sys.argv[1:])
+    message = _missing_plugin(sys.argv[1:]) or _optuna_storage_problem(sys.argv[1:]) or _output_dir_problem(sys.argv[1:])
     if message:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
