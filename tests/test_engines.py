@@ -392,3 +392,14 @@ def test_a_persistent_optuna_study_that_cannot_work_is_refused_with_the_install_
     assert _optuna_storage_problem(["experiment=optuna_search", "hydra.sweeper.storage=null"]) is None
     versions["sqlalchemy"] = "1.4.54"
     assert _optuna_storage_problem(["hydra.sweeper.storage=sqlite:///optuna.db"]) is None
+
+
+def test_an_mlflow_run_ends_killed_when_a_signal_stops_training_and_failed_on_an_error():
+    from vae_lab.errors import VaeLabError
+    from vae_lab.loggers import _run_status
+    from vae_lab.train import TrainingInterrupted
+
+    assert _run_status(None) == "FINISHED"
+    assert _run_status(TrainingInterrupted("interrupted during epoch 3", 15)) == "KILLED"  # scancel's SIGTERM
+    assert _run_status(KeyboardInterrupt()) == "KILLED"
+    assert _run_status(VaeLabError("training diverged")) == "FAILED"

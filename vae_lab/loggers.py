@@ -197,10 +197,20 @@ class MLflowLogger:
         curves = self.run_dir / "progress" / "loss_curves.png"
         if curves.is_file():
             self.client.log_artifact(self.run_id, str(curves), "progress")
-        # close() runs in the train task's `finally`: an exception on its way out means the run did not finish.
-        error = sys.exc_info()[0]
-        status = "FINISHED" if error is None else "KILLED" if issubclass(error, KeyboardInterrupt) else "FAILED"
-        self.client.set_terminated(self.run_id, status)
+        self.client.set_terminated(self.run_id, _run_status(sys.exc_info()[1]))
+
+
+def _run_status(error: BaseException | None) -> str:
+    """MLflow's end state of a run, from the exception leaving the train task, if any.
+
+    close() runs in the train task's `finally`, so an exception on its way out means
+    the run did not finish; a signal (Ctrl-C, scancel's SIGTERM) exits above 128.
+    """
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, KeyboardInterrupt) or getattr(error, "exit_code", 0) > 128:
+        return "KILLED"
+    return "FAILED"
 
 
 def _flatten(config: dict) -> dict:
