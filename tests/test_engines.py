@@ -189,9 +189,9 @@ def processes_using(text: str) -> list[str]:
     return found
 
 
-def ray_sweep(sweep_dir: Path, ray_dir: Path, init: list[str]) -> subprocess.CompletedProcess:
+def ray_sweep(sweep_dir: Path, init: list[str], alphas: str = "0.1,1.0") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "run.py", "-m", *JOB, "hydra/launcher=ray_cluster", "train.alpha=0.1,1.0",
+        [sys.executable, "run.py", "-m", *JOB, "hydra/launcher=ray_cluster", f"train.alpha={alphas}",
          *init, f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=300,
     )
@@ -210,12 +210,14 @@ def assert_stopped(ray_dir: Path) -> None:
     assert processes_using(str(ray_dir)) == []
 
 
-def assert_ray_sweep(sweep_dir: Path, result: subprocess.CompletedProcess) -> None:
+def assert_ray_sweep(sweep_dir: Path, result: subprocess.CompletedProcess, alphas: tuple = ("0.1", "1.0")) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Ray Launcher is launching 2 jobs" in result.stderr + result.stdout
-    for job in ("0", "1"):
-        assert_complete(sweep_dir / job)
-    assert [(row["train.alpha"], row["status"]) for row in read_summary(sweep_dir)] == [("0.1", "completed"), ("1.0", "completed")]
+    assert f"Ray Launcher is launching {len(alphas)} jobs" in result.stderr + result.stdout
+    for job in range(len(alphas)):
+        assert_complete(sweep_dir / str(job))
+    assert [(row["job"], row["status"]) for row in read_summary(sweep_dir)] == [(str(j), "completed") for j in range(len(alphas))]
+    assert [json.loads((sweep_dir / str(j) / "results" / "metrics.json").read_text())["alpha"] for j in range(len(alphas))] == [
+        float(a) for a in alphas]
 
 
 @pytest.mark.slow
@@ -225,7 +227,7 @@ def test_a_sweep_runs_on_a_local_ray_instance_that_stops_with_it(tmp_path, ray_d
         "hydra.launcher.ray.init.num_cpus=2", "hydra.launcher.ray.init.object_store_memory=78643200",
         "+hydra.launcher.ray.init._node_ip_address=127.0.0.1", f"+hydra.launcher.ray.init._temp_dir={ray_dir}",
     ]
-    result = ray_sweep(tmp_path / "sweep", ray_dir, bounded)
+    result = ray_sweep(tmp_path / "sweep", bounded)
     assert_ray_sweep(tmp_path / "sweep", result)
     assert list(ray_dir.glob("session_*")), "Ray did not use the session folder given to it"
     assert_stopped(ray_dir)
@@ -243,9 +245,10 @@ def test_a_sweep_joins_a_running_ray_cluster(tmp_path, ray_dir):
         env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        result = ray_sweep(tmp_path / "sweep", ray_dir, [f"hydra.launcher.ray.init.address=127.0.0.1:{port}"])
+        # One job: the 2-job sweep above already shows jobs running side by side.
+        result = ray_sweep(tmp_path / "sweep", [f"hydra.launcher.ray.init.address=127.0.0.1:{port}"], alphas="0.5")
         assert "Connecting to existing Ray cluster" in result.stderr + result.stdout
-        assert_ray_sweep(tmp_path / "sweep", result)
+        assert_ray_sweep(tmp_path / "sweep", result, alphas=("0.5",))
     finally:
         head.terminate()  # --block: the head's processes stop with it
         head.wait(timeout=60)
