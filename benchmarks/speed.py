@@ -66,24 +66,23 @@ def main() -> None:
     hand_model, hand_optimizer = fresh_copy(framework.model, cfg)
     loader_model, loader_optimizer = fresh_copy(framework.model, cfg)
     train_loader, test_loader = reference_loaders(args, batch, cfg.evaluate.batch_size)
-    alpha = framework.loss_fn.alpha
+    alpha = framework.objective.alpha
     shuffle = torch.Generator().manual_seed(0)
 
     train = {
-        "a": lambda: run_epoch(framework.model, framework.loss_fn, data.train_images, batch,
-                               optimizer=framework.optimizer, generator=shuffle, **framework.step_options),
+        "a": lambda: run_epoch(framework.model, framework.step, data.train_images, batch,
+                               optimizer=framework.optimizer, generator=shuffle),
         "b": lambda: hand_train_epoch(hand_model, hand_optimizer, batches_on_device(data.train_images, batch, shuffle), alpha),
         "c": lambda: hand_train_epoch(loader_model, loader_optimizer, batches_from_loader(train_loader, device), alpha),
     }
     test = {
-        "a": lambda: run_epoch(framework.model, framework.loss_fn, data.test_images, cfg.evaluate.batch_size, **framework.step_options),
+        "a": lambda: run_epoch(framework.model, framework.step, data.test_images, cfg.evaluate.batch_size),
         "b": lambda: hand_eval_epoch(hand_model, batches_on_device(data.test_images, cfg.evaluate.batch_size, None), alpha),
         "c": lambda: hand_eval_epoch(loader_model, batches_from_loader(test_loader, device), alpha),
     }
     iw_images = data.test_images[: args.iw_images]
     iw = {
-        "a": lambda: importance_weighted_nll(framework.model, iw_images, 100, framework.loss_fn.reconstruction,
-                                             batch_size=cfg.evaluate.batch_size),
+        "a": lambda: importance_weighted_nll(framework.model, iw_images, 100, batch_size=cfg.evaluate.batch_size),
         "b": lambda: hand_iw(hand_model, batches_on_device(iw_images, cfg.evaluate.batch_size, None), 100),
         "c": lambda: hand_iw(loader_model, batches_from_loader(iw_loader(test_loader, args.iw_images), device), 100),
     }
@@ -232,9 +231,7 @@ def describe(device, cfg, args) -> str:
 
 def profile_steps(framework, cfg, device, steps: int = 60) -> str:
     """Mean milliseconds per training step in each phase, with the device synchronised between phases."""
-    from vae_lab.engine import elbo_terms
-
-    model, loss_fn, optimizer = framework.model, framework.loss_fn, framework.optimizer
+    model, objective, optimizer = framework.model, framework.objective, framework.optimizer
     images, batch = framework.data.train_images, cfg.train.batch_size
     model.train()
     phases = {"data (index, gather)": 0.0, "forward + loss": 0.0, "backward": 0.0, "optimizer step": 0.0, "bookkeeping": 0.0}
@@ -249,7 +246,7 @@ def profile_steps(framework, cfg, device, steps: int = 60) -> str:
 
         x = images[order[(step * batch) % (len(images) - batch):][:batch]]
         mark()
-        terms = elbo_terms(model, loss_fn, x)
+        terms = objective(model, x)
         mark()
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -274,7 +271,7 @@ def iw_only(framework, args, device) -> None:
     images = framework.data.test_images[: args.iw_images]
     before = peak_memory(device)
     started = time.perf_counter()
-    nll = importance_weighted_nll(framework.model, images, args.iw_only, framework.loss_fn.reconstruction, batch_size=256)
+    nll = importance_weighted_nll(framework.model, images, args.iw_only, batch_size=256)
     seconds = time.perf_counter() - started
     print(f"IW bound, k = {args.iw_only}, {len(images):,} test images on {device}: {seconds:.1f} s "
           f"({len(images) * args.iw_only / seconds:,.0f} decodings/s); -log p(x) <= {nll:.3f} (untrained model); "

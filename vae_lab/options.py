@@ -7,7 +7,7 @@ config validation, which runs before torch is even imported.
 TASKS = ("train", "evaluate", "summarize")
 DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
 BINARIZE = ("none", "static", "dynamic")
-RECONSTRUCTIONS = ("bce", "mse")
+RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian")
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)
 RETURN_METRICS = ("test_loss", "test_neg_elbo")

@@ -22,6 +22,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     _check(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
+    for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
+        _check(cfg, key, _is_positive_int, "a whole number >= 1")
+    for key in ("train.kl_warmup_epochs", "model.blocks"):
+        _check(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
+    _check(cfg, "loss.free_bits", lambda v: _is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
+    _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
+           "a list of module names, e.g. [my_lab.models]")
     _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
     for key in ("train.amp", "train.channels_last", "train.evaluate_at_end"):
@@ -32,6 +39,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "data.name", DATASETS)
     _one_of(cfg, "data.binarize", BINARIZE)
     _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
+    _check(cfg, "evaluate.iw_limit", lambda v: v is None or _is_positive_int(v), "null (all test images) or a whole number >= 1")
     root = OmegaConf.select(cfg, "data.root")
     if cfg.data.name != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
         raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")

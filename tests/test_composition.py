@@ -1,0 +1,165 @@
+"""Every prior x objective x likelihood trains, evaluates and resumes; a user's own module plugs in."""
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import compose_config
+from vae_lab.checkpoint import load_checkpoint, save_checkpoint
+from vae_lab.cli import run_task
+from vae_lab.errors import CheckpointError, ConfigError
+
+PRIORS = ["normal", "vamp", "mog"]
+OBJECTIVES = ["elbo", "iwae"]
+LIKELIHOODS = ["bce", "mse", "continuous_bernoulli", "gaussian"]
+# A small model and a few components keep each run at a fraction of a second.
+SMALL = ["model=mlp_vae", "model.hidden_dim=32", "model.latent_dim=3", "data.limit=64", "train.batch_size=32",
+         "evaluate.batch_size=64", "prior.components=3", "loss.k=3", "train.plot_every=100", "train.checkpoint_every=100"]
+
+
+def small(prior, objective, likelihood, *extra):
+    overrides = [f"prior={prior}", f"loss={objective}", f"loss.reconstruction={likelihood}", *SMALL, *extra]
+    if prior == "normal":
+        overrides.remove("prior.components=3")
+    if objective != "iwae":
+        overrides.remove("loss.k=3")
+    return compose_config(*overrides)
+
+
+def weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+# Every combination; the fast tier keeps four that between them use every prior, objective and likelihood.
+FAST = {("normal", "elbo", "bce"), ("vamp", "iwae", "gaussian"), ("mog", "elbo", "continuous_bernoulli"), ("vamp", "elbo", "mse")}
+COMBINATIONS = [
+    pytest.param(p, o, l, marks=() if (p, o, l) in FAST else pytest.mark.slow, id=f"{p}-{o}-{l}")
+    for p in PRIORS for o in OBJECTIVES for l in LIKELIHOODS
+]
+
+
+@pytest.mark.parametrize("prior, objective, likelihood", COMBINATIONS)
+def test_every_combination_trains_and_resumes_bit_exactly(tmp_path, prior, objective, likelihood):
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    run_task(small(prior, objective, likelihood, "train.epochs=2", "train.kl_warmup_epochs=2"), straight)
+    run_task(small(prior, objective, likelihood, "train.epochs=1", "train.kl_warmup_epochs=2"), first)
+    # The resume gives only the new epoch count: prior, objective, likelihood and warm-up come from the checkpoint.
+    run_task(compose_config(*SMALL[3:5], "train.epochs=2", f"train.resume={first / 'checkpoints' / 'last.pt'}"), resumed)
+    expected = weights(straight)
+    assert set(expected) == set(weights(resumed))
+    for key, tensor in weights(resumed).items():
+        assert torch.equal(tensor, expected[key]), key
+    if likelihood == "gaussian":
+        assert "likelihood.log_scale" in expected
+    if prior != "normal":
+        assert any(key.startswith("prior.") for key in expected)
+
+
+@pytest.mark.parametrize("prior, objective, likelihood", [
+    ("vamp", "iwae", "gaussian"), ("mog", "elbo", "continuous_bernoulli"), ("normal", "elbo", "mse"),
+])
+def test_a_combination_evaluates_and_says_what_its_nats_are(tmp_path, prior, objective, likelihood):
+    run_task(small(prior, objective, likelihood, "train.epochs=1", "train.evaluate_at_end=true"), tmp_path)
+    report = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert report["prior"] == {"vamp": "VampPrior", "mog": "MixturePrior", "normal": "NormalPrior"}[prior]
+    assert report["kl_estimator"].startswith("closed form" if prior == "normal" else "Monte Carlo")
+    assert report["true_log_likelihood"] is (likelihood != "mse")
+    assert report["neg_elbo"] == pytest.approx(report["recon"] + report["kl"])
+    assert (tmp_path / "results" / "kl_per_dimension.png").exists() is (prior == "normal")
+    assert (report["kl_per_dimension"] is None) is (prior != "normal")
+    if likelihood == "gaussian":
+        assert report["likelihood_scale"] > 0
+
+
+USER_MODULE = textwrap.dedent('''
+    """A user's own model, in a module of their own."""
+    from torch import nn
+
+    from vae_lab.model import VAE
+
+
+    class TinyVAE(VAE):
+        def __init__(self, latent_dim=2, width=16, image_shape=(1, 28, 28), prior=None, likelihood=None):
+            super().__init__(latent_dim, prior, likelihood)
+            pixels = image_shape[0] * image_shape[1] * image_shape[2]
+            self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, width), nn.ReLU(), nn.Linear(width, 2 * latent_dim))
+            self.decoder = nn.Sequential(nn.Linear(latent_dim, width), nn.ReLU(), nn.Linear(width, pixels),
+                                         nn.Unflatten(1, tuple(image_shape)))
+
+        def posterior(self, x):
+            return self.encoder(x).chunk(2, dim=1)
+
+        def decode(self, z):
+            return self.decoder(z)
+''')
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    package = tmp_path / "my_lab"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_lab.models"
+    for name in [n for n in sys.modules if n.startswith("my_lab")]:
+        del sys.modules[name]
+
+
+def user_config(*overrides):
+    return compose_config("model._target_=my_lab.models.TinyVAE", "~model.hidden_dim", "~model.base_channels",
+                          "+model.width=16", "model.latent_dim=2", "data.limit=64", *overrides)
+
+
+def test_a_user_model_trains_evaluates_and_resumes(tmp_path, user_module):
+    run = tmp_path / "run"
+    run_task(user_config("trusted_modules=[my_lab.models]", "train.evaluate_at_end=true", "train.epochs=1"), run)
+    assert (run / "results" / "metrics.json").exists()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["config"]["model"]["_target_"] == "my_lab.models.TinyVAE"
+    resumed = tmp_path / "resumed"
+    run_task(compose_config("trusted_modules=[my_lab]", "train.epochs=2", f"train.resume={run}/checkpoints/last.pt"), resumed)
+    assert load_checkpoint(resumed / "checkpoints" / "last.pt")["epoch"] == 2
+    evaluated = tmp_path / "evaluated"
+    run_task(compose_config("task=evaluate", "trusted_modules=[my_lab.models]", f"evaluate.checkpoint={resumed}"), evaluated)
+    assert json.loads((evaluated / "results" / "metrics.json").read_text())["model"] == "TinyVAE"
+
+
+def test_a_user_model_is_refused_until_its_module_is_trusted(tmp_path, user_module):
+    with pytest.raises(ConfigError, match=r"model is built by 'my_lab.models.TinyVAE', and my_lab.models is not a trusted module"):
+        run_task(user_config(), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
+def test_a_checkpoint_naming_an_untrusted_module_is_refused_before_anything_is_imported(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run_task(compose_config("data.limit=32", "train.epochs=1"), run)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_lab.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    forged = tmp_path / "forged.pt"
+    save_checkpoint(dict(state, config={**state["config"], "model": {"_target_": "evil_lab.Net"}}), forged)
+    with pytest.raises(CheckpointError, match="evil_lab is not a trusted module"):
+        run_task(compose_config("task=evaluate", f"evaluate.checkpoint={forged}"), tmp_path / "eval")
+    assert not marker.exists() and "evil_lab" not in sys.modules
+    # A trusted module's class that is not a VAE is refused too (base-class rule).
+    save_checkpoint(dict(state, config={**state["config"], "model": {"_target_": "vae_lab.data.ImageData"}}), forged)
+    with pytest.raises(CheckpointError, match="'vae_lab.data.ImageData', which is not a vae_lab.model.VAE class"):
+        run_task(compose_config("task=evaluate", f"evaluate.checkpoint={forged}"), tmp_path / "eval2")
+
+
+def test_an_old_checkpoint_without_a_prior_still_evaluates_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    run_task(compose_config("data.limit=32", "train.epochs=1"), run)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    config = {key: value for key, value in state["config"].items() if key != "prior"}
+    config["loss"] = {"_target_": "vae_lab.loss.VAELoss", "reconstruction": "bce", "alpha": 0.1}
+    config["train"] = {key: value for key, value in config["train"].items() if key != "kl_warmup_epochs"}
+    old = tmp_path / "old.pt"
+    save_checkpoint(dict(state, config=config), old)
+    run_task(compose_config("task=evaluate", f"evaluate.checkpoint={old}"), tmp_path / "eval")
+    run_task(compose_config("data.limit=32", "train.epochs=2", f"train.resume={old}"), tmp_path / "resumed")
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
