@@ -55,6 +55,7 @@ PLUGINS = {
     "hydra/launcher=submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm"),
     "hydra/launcher=ray": ("hydra_plugins.hydra_ray_launcher", "ray"),
+    "hydra/launcher=ray_cluster": ("hydra_plugins.hydra_ray_launcher", "ray"),
 }
 
 
@@ -193,7 +194,9 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> float:
         value = run_task(cfg, run_dir).value
     except VaeLabError as error:
         log.error("%s", error)
-        status = {"status": "failed", "error": str(error)}
+        # A signal (Ctrl-C, or SIGTERM from `scancel` or a pre-empting scheduler) exits above 128.
+        stopped = getattr(error, "exit_code", USER_ERROR_EXIT) > 128
+        status = {"status": "interrupted" if stopped else "failed", "error": str(error)}
     except Exception as error:  # a bug: keep its traceback in run.log, and the sweep going
         log.exception("job failed")
         status = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -219,6 +222,26 @@ def _missing_plugin(arguments: list[str]) -> str | None:
             needed = PLUGINS.get(key)
             if needed and importlib.util.find_spec(needed[0]) is None:
                 return f"error: {key} needs the optional extra '{needed[1]}': pip install -e '.[{needed[1]}]'"
+    return None
+
+
+def _optuna_storage_problem(arguments: list[str]) -> str | None:
+    """A persistent Optuna study that this install's optuna cannot open.
+
+    hydra-optuna-sweeper 1.3 allows only optuna 2, whose database storage fails on
+    SQLAlchemy 2 with a bare AssertionError deep in a traceback.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    if not any(a.startswith("hydra.sweeper.storage=") and a.split("=", 1)[1] not in ("", "null") for a in arguments):
+        return None
+    try:
+        optuna_major, sqlalchemy_major = (int(version(name).split(".")[0]) for name in ("optuna", "sqlalchemy"))
+    except PackageNotFoundError:
+        return None  # no Optuna at all: _missing_plugin names the extra
+    if optuna_major < 3 and sqlalchemy_major >= 2:
+        return ("error: hydra.sweeper.storage needs SQLAlchemy < 2 with optuna 2 (the Optuna that hydra-optuna-sweeper "
+                "allows); install the pinned extra: pip install -e '.[sweep]'")
     return None
 
 
@@ -251,7 +274,8 @@ def _output_dir_problem(arguments: list[str]) -> str | None:
 
 def main() -> None:
     """`python run.py` / `vae-lab` / `python -m vae_lab`: refuse early what Hydra would report badly, then run Hydra."""
-    message = _missing_config_dir() or _missing_plugin(sys.argv[1:]) or _output_dir_problem(sys.argv[1:])
+    message = (_missing_config_dir() or _missing_plugin(sys.argv[1:]) or _optuna_storage_problem(sys.argv[1:])
+               or _output_dir_problem(sys.argv[1:]))
     if message:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

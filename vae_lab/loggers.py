@@ -1,12 +1,16 @@
-"""Where per-epoch metrics and progress images go.
+"""Where per-epoch metrics, progress images and the final report go.
 
-metrics.csv is part of the run-directory contract, so every logger writes it;
-TensorBoardLogger also writes TensorBoard event files, so that
-`tensorboard --logdir multirun/<date>/<time>` shows a whole sweep side by side.
+`Loggers` is what the train task builds from the `logger` config group: metrics.csv
+(part of the run-directory contract, so always written) plus any of TensorBoard and
+MLflow, chosen together with `logger=[tensorboard,mlflow]`. Every logger has the same
+methods: start, log_epoch, log_images, log_report, close.
 """
 from __future__ import annotations
 
 import csv
+import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -19,14 +23,53 @@ METRIC_COLUMNS = (
 )
 
 
+class Loggers:
+    """metrics.csv and the loggers switched on in the config, called in turn.
+
+    tensorboard, mlflow: the keyword arguments of TensorBoardLogger / MLflowLogger, or
+    None for off. (Settings rather than nested `_target_`s: a checkpoint's config may
+    name a class only at the top of a group.)
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: Mapping | None = None, mlflow: Mapping | None = None):
+        self.loggers = [CSVLogger(run_dir)]
+        if tensorboard is not None:
+            self.loggers.append(TensorBoardLogger(run_dir, **tensorboard))
+        if mlflow is not None:
+            self.loggers.append(MLflowLogger(run_dir, **mlflow))
+
+    def start(self, history: list[dict], config: dict | None = None) -> None:
+        for logger in self.loggers:
+            logger.start(history, config)
+
+    def log_epoch(self, row: dict) -> None:
+        for logger in self.loggers:
+            logger.log_epoch(row)
+
+    def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:
+        for logger in self.loggers:
+            logger.log_images(tag, grid, epoch)
+
+    def log_report(self, report: dict, results_dir: Path) -> None:
+        for logger in self.loggers:
+            logger.log_report(report, results_dir)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
 class CSVLogger:
     """metrics.csv in the run directory: a header, then one row per epoch, flushed as it comes."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / "metrics.csv"
 
-    def start(self, history: list[dict]) -> None:
-        """Begin the log with the rows of earlier epochs (those of a resumed run)."""
+    def start(self, history: list[dict], config: dict | None = None) -> None:
+        """Begin the log with the rows of earlier epochs (those of a resumed run).
+
+        config: the composed config as plain data, for loggers that record it.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=METRIC_COLUMNS)
@@ -40,15 +83,17 @@ class CSVLogger:
     def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:
         """grid: (3, H, W) in [0, 1], as torchvision.utils.make_grid gives."""
 
+    def log_report(self, report: dict, results_dir: Path) -> None:
+        """The evaluation at the end: report as in results/metrics.json, figures in results_dir."""
+
     def close(self) -> None:
         pass
 
 
-class TensorBoardLogger(CSVLogger):
-    """metrics.csv plus TensorBoard scalars (loss, recon, kl per split; lr) and progress images."""
+class TensorBoardLogger:
+    """TensorBoard scalars (loss, recon, kl per split; lr) and progress images in <run>/<subdir>."""
 
     def __init__(self, run_dir: Path, subdir: str = "tensorboard"):
-        super().__init__(run_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
@@ -58,18 +103,19 @@ class TensorBoardLogger(CSVLogger):
             ) from None
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / subdir))
 
-    def start(self, history: list[dict]) -> None:
-        super().start(history)
+    def start(self, history: list[dict], config: dict | None = None) -> None:
         for row in history:
             self._scalars(row)
 
     def log_epoch(self, row: dict) -> None:
-        super().log_epoch(row)
         self._scalars(row)
         self.writer.flush()
 
     def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:
         self.writer.add_image(tag, grid, epoch)
+
+    def log_report(self, report: dict, results_dir: Path) -> None:
+        pass
 
     def close(self) -> None:
         self.writer.close()
@@ -79,3 +125,109 @@ class TensorBoardLogger(CSVLogger):
             for split in ("train", "test"):
                 self.writer.add_scalar(f"{key}/{split}", row[f"{split}_{key}"], row["epoch"])
         self.writer.add_scalar("lr", row["lr"], row["epoch"])
+
+
+class MLflowLogger:
+    """One MLflow run per training run: the config as parameters, per-epoch metrics,
+    progress images, and at the end the report's numbers and the results/ figures.
+
+    Written through MlflowClient with an explicit run id (no global active run), so
+    several runs in one process, and the report after close(), work. A sweep job is
+    tagged with its sweep folder and job number, so one sweep is one filter in the UI
+    (`tags.sweep = '...'`), and the run is named `<sweep>/<job>`.
+    """
+
+    def __init__(self, run_dir: Path, tracking_uri: str, experiment: str = "vae_lab"):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise VaeLabError(
+                "logger=mlflow needs the mlflow package: pip install -e '.[mlflow]' (or leave it out of logger=[...])"
+            ) from None
+        run_dir = Path(run_dir)
+        store = _sqlite_folder(tracking_uri)
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_dir = run_dir
+        found = self.client.get_experiment_by_name(experiment)
+        # A local store keeps its artifacts beside the database, not in the folder the command ran from.
+        artifacts = (store / "artifacts").as_uri() if store is not None else None
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifacts)
+        tags = {"run_dir": str(run_dir.resolve())}
+        sweep_dir = run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None  # Hydra writes it per sweep
+        if sweep_dir is not None:
+            tags.update(sweep=str(sweep_dir.resolve()), job=run_dir.name)
+        name = f"{sweep_dir.name}/{run_dir.name}" if sweep_dir is not None else run_dir.name
+        self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    def start(self, history: list[dict], config: dict | None = None) -> None:
+        from mlflow.entities import Param
+
+        if config is not None:
+            params = [Param(key, str(value)[:6000]) for key, value in _flatten(config).items()]
+            for first in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+                self.client.log_batch(self.run_id, params=params[first:first + 100])
+            self.client.log_dict(self.run_id, config, "config.yaml")
+        for row in history:
+            self.log_epoch(row)
+
+    def log_epoch(self, row: dict) -> None:
+        from mlflow.entities import Metric
+
+        stamp = _milliseconds()
+        metrics = [Metric(key, float(value), stamp, int(row["epoch"]))
+                   for key, value in row.items() if key not in ("epoch", "data")]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:
+        image = (grid.detach().cpu().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        self.client.log_image(self.run_id, image, artifact_file=f"progress/{tag}_{epoch:04d}.png")
+
+    def log_report(self, report: dict, results_dir: Path) -> None:
+        from mlflow.entities import Metric
+
+        stamp = _milliseconds()
+        step = int(report.get("epoch", 0))
+        numbers = [Metric(f"final/{key}", float(value), stamp, step) for key, value in report.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        self.client.log_batch(self.run_id, metrics=numbers)
+        if Path(results_dir).is_dir():
+            self.client.log_artifacts(self.run_id, str(results_dir), "results")
+
+    def close(self) -> None:
+        curves = self.run_dir / "progress" / "loss_curves.png"
+        if curves.is_file():
+            self.client.log_artifact(self.run_id, str(curves), "progress")
+        self.client.set_terminated(self.run_id, _run_status(sys.exc_info()[1]))
+
+
+def _run_status(error: BaseException | None) -> str:
+    """MLflow's end state of a run, from the exception leaving the train task, if any.
+
+    close() runs in the train task's `finally`, so an exception on its way out means
+    the run did not finish; a signal (Ctrl-C, scancel's SIGTERM) exits above 128.
+    """
+    if error is None:
+        return "FINISHED"
+    if isinstance(error, KeyboardInterrupt) or getattr(error, "exit_code", 0) > 128:
+        return "KILLED"
+    return "FAILED"
+
+
+def _flatten(config: dict) -> dict:
+    """{"model": {"latent_dim": 2}} -> {"model.latent_dim": 2}: MLflow parameters are flat."""
+    import pandas  # an MLflow dependency
+
+    return pandas.json_normalize(config, sep=".").iloc[0].to_dict()
+
+
+def _sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder of a sqlite:/// store, created (SQLite creates the file, not its folder); None for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _milliseconds() -> int:
+    return int(time.time() * 1000)

@@ -83,7 +83,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     config = plain_config(cfg)
     checkpoints = run_dir / "checkpoints"
     logger = build(cfg.logger)(run_dir)
-    logger.start(history)
+    logger.start(history, config)
     progress_images = data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row]
     saved_epoch = start_epoch
 
@@ -142,6 +142,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         from vae_lab.evaluate import evaluate_checkpoint
 
         report = evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
+        logger.log_report(report, run_dir / "results")
     value = final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
     return training_outcome(run_dir, value, final, report)
 

@@ -1,0 +1,408 @@
+"""Sweeps on real engines: a local SLURM cluster (scripts/slurm-local.sh), a local Ray
+instance, MLflow tracking read back through its client, and an Optuna study that
+continues after an interruption.
+
+Each engine that this machine cannot host is skipped with the reason printed (`-ra`).
+All but the config checks at the end are in the slow tier (`-m slow`).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SLURM_SCRIPT = REPO / "scripts" / "slurm-local.sh"
+# A sweep job is a whole process (a SLURM job, a Ray task): the smallest job that still evaluates.
+JOB = [
+    "device=cpu", "data=mnist_5k", "data.limit=64", "train.epochs=1", "train.batch_size=32",
+    "evaluate.batch_size=64", "evaluate.iw_samples=2", "evaluate.embedding_points=64",
+    "evaluate.reconstruction_rows=1", "evaluate.generation_samples=16",
+]
+# The slurm preset asks for what a GPU job on a real cluster needs; the loopback node has 1 GB to spare and no GPU.
+SMALL_SLURM_JOB = [
+    "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10",
+]
+
+
+def read_summary(sweep_dir: Path) -> list[dict]:
+    with (sweep_dir / "summary.csv").open() as file:
+        return list(csv.DictReader(file))
+
+
+def job_id(job_dir: Path) -> str:
+    """The scheduler's id of a job, as Hydra recorded it in the job's folder."""
+    return str(yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
+
+
+def assert_complete(job_dir: Path) -> None:
+    for name in ("metrics.csv", "checkpoints/last.pt", "progress/loss_curves.png", "results/metrics.json", "run.log"):
+        assert (job_dir / name).is_file(), f"{job_dir}/{name}"
+    assert json.loads((job_dir / "job.json").read_text())["status"] == "completed"
+
+
+# --- SLURM ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    """The environment of a shell that talks to the local cluster; started here if it is not running.
+
+    Only a cluster this fixture started is stopped afterwards.
+    """
+    if shutil.which("bash") is None:
+        pytest.skip("SLURM: no bash to run scripts/slurm-local.sh")
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+        pytest.skip("SLURM: hydra-submitit-launcher is not installed: pip install -e '.[slurm]'")
+    was_running = subprocess.run([SLURM_SCRIPT, "status"], capture_output=True, text=True).returncode == 0
+    started = subprocess.run([SLURM_SCRIPT, "start"], capture_output=True, text=True, timeout=300)
+    if started.returncode != 0:
+        reason = (started.stderr or started.stdout).strip().splitlines()[-1]
+        pytest.skip(f"SLURM: {reason}")
+    conf = started.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    yield {**os.environ, "SLURM_CONF": conf, "OMP_NUM_THREADS": "1"}
+    if not was_running:
+        subprocess.run([SLURM_SCRIPT, "stop"], capture_output=True, timeout=120)
+
+
+def slurm(arguments: list[str], env: dict) -> str:
+    return subprocess.run(arguments, capture_output=True, text=True, env=env, check=True, timeout=60).stdout
+
+
+def accounted_states(job_ids: list[str], env: dict) -> dict[str, str]:
+    """sacct's state of each job (its allocation line, not the batch/step lines)."""
+    out = slurm(["sacct", "--noheader", "--parsable2", "-o", "JobID,State", *[f"-j{j}" for j in job_ids]], env)
+    states = dict(line.split("|") for line in out.splitlines() if line)
+    return {j: states.get(j, "") for j in job_ids}
+
+
+def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "run.py", "-m", *JOB, *SMALL_SLURM_JOB, *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_as_slurm_jobs_and_sacct_records_them(slurm_env, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    process = start_sweep(sweep_dir, ["train.alpha=0.1,1.0"], slurm_env)
+    queued = set()
+    while process.poll() is None:  # what squeue sees while the sweep runs
+        queued |= set(slurm(["squeue", "--noheader", "--array", "--format=%i"], slurm_env).split())
+        time.sleep(0.5)
+    out, err = process.communicate()
+    assert process.returncode == 0, err[-3000:]
+
+    ids = [job_id(sweep_dir / job) for job in ("0", "1")]
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_0", f"{array}_1"]  # one SLURM array, one task per sweep point
+    assert set(ids) <= queued
+    assert accounted_states(ids, slurm_env) == dict.fromkeys(ids, "COMPLETED")
+    for job in ("0", "1"):
+        assert_complete(sweep_dir / job)
+        assert (sweep_dir / ".submitit" / job_id(sweep_dir / job)).is_dir()
+    rows = read_summary(sweep_dir)
+    assert [(row["train.alpha"], row["status"]) for row in rows] == [("0.1", "completed"), ("1.0", "completed")]
+    assert "sweep summary:" in out
+
+
+@pytest.mark.slow
+def test_a_failed_and_a_cancelled_slurm_job_are_reported_and_the_others_finish(slurm_env, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # latent_dim=0 fails its config check; latent_dim=3 is cancelled with scancel after its first epoch.
+    long = ["train.epochs=150", "train.checkpoint_every=1000", "train.plot_every=1000"]
+    process = start_sweep(sweep_dir, ["model.latent_dim=0,2,3", *long], slurm_env)
+    try:
+        cancelled = _cancel_after_first_epoch(sweep_dir / "2", slurm_env)
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, err[-3000:]
+
+    rows = {row["model.latent_dim"]: row for row in read_summary(sweep_dir)}
+    assert rows["0"]["status"] == "failed" and "model.latent_dim=0 is not allowed" in rows["0"]["error"]
+    assert rows["2"]["status"] == "completed"
+    assert_complete(sweep_dir / "1")
+    assert rows["3"]["status"] == "interrupted" and "train.resume=" in rows["3"]["error"]
+    assert 1 <= int(rows["3"]["epochs"]) < 150
+    assert (sweep_dir / "2" / "checkpoints" / "last.pt").is_file()  # what the resume command names
+    assert "error: 2 of 3 jobs did not complete" in err
+    states = accounted_states([job_id(sweep_dir / job) for job in ("0", "1", "2")], slurm_env)
+    assert states[cancelled].startswith("CANCELLED")
+    assert list(states.values()).count("COMPLETED") == 2  # the failed job itself ended cleanly
+
+
+def _cancel_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:
+    """scancel the job of `job_dir` once its metrics.csv has an epoch; return its id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = job_dir / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            job = job_id(job_dir)
+            assert slurm(["squeue", "--noheader", "--array", f"--jobs={job}", "--format=%T"], env).strip() == "RUNNING"
+            slurm(["scancel", job], env)
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"{job_dir} never started an epoch")
+
+
+# --- Ray --------------------------------------------------------------------------------
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+    reason="Ray: hydra-ray-launcher is not installed: pip install -e '.[ray]'",
+)
+
+
+@pytest.fixture
+def ray_dir():
+    """Ray's session folder, short: its socket paths must stay under the 107 characters Unix allows."""
+    folder = Path(tempfile.mkdtemp(prefix="vl-ray-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def processes_using(text: str) -> list[str]:
+    """Command lines of the live processes that mention `text` (a Ray session folder)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            line = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in line:
+            found.append(line)
+    return found
+
+
+def ray_sweep(sweep_dir: Path, init: list[str], alphas: str = "0.1,1.0") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "run.py", "-m", *JOB, "hydra/launcher=ray_cluster", f"train.alpha={alphas}",
+         *init, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env=ray_env(), capture_output=True, text=True, timeout=300,
+    )
+
+
+def ray_env() -> dict:
+    # Token authentication on (Ray's ports listen on every interface); the driver must
+    # be told so to send the token that `ray start` wrote to ~/.ray/auth_token.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+
+
+def assert_stopped(ray_dir: Path) -> None:
+    deadline = time.monotonic() + 30
+    while processes_using(str(ray_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_using(str(ray_dir)) == []
+
+
+def assert_ray_sweep(sweep_dir: Path, result: subprocess.CompletedProcess, alphas: tuple = ("0.1", "1.0")) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Ray Launcher is launching {len(alphas)} jobs" in result.stderr + result.stdout
+    for job in range(len(alphas)):
+        assert_complete(sweep_dir / str(job))
+    assert [(row["job"], row["status"]) for row in read_summary(sweep_dir)] == [(str(j), "completed") for j in range(len(alphas))]
+    assert [json.loads((sweep_dir / str(j) / "results" / "metrics.json").read_text())["alpha"] for j in range(len(alphas))] == [
+        float(a) for a in alphas]
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_sweep_runs_on_a_local_ray_instance_that_stops_with_it(tmp_path, ray_dir):
+    bounded = [
+        "hydra.launcher.ray.init.num_cpus=2", "hydra.launcher.ray.init.object_store_memory=78643200",
+        "+hydra.launcher.ray.init._node_ip_address=127.0.0.1", f"+hydra.launcher.ray.init._temp_dir={ray_dir}",
+    ]
+    result = ray_sweep(tmp_path / "sweep", bounded)
+    assert_ray_sweep(tmp_path / "sweep", result)
+    assert list(ray_dir.glob("session_*")), "Ray did not use the session folder given to it"
+    assert_stopped(ray_dir)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_sweep_joins_a_running_ray_cluster(tmp_path, ray_dir):
+    """The plugin's own preset injects object_store_memory, which Ray refuses when joining; ray_cluster does not."""
+    port, client_port = _free_port(), _free_port()
+    head = subprocess.Popen(
+        [Path(sys.executable).parent / "ray", "start", "--head", "--block", f"--port={port}",
+         f"--ray-client-server-port={client_port}", "--num-cpus=2", "--object-store-memory=78643200",
+         "--include-dashboard=false", f"--temp-dir={ray_dir}", "--disable-usage-stats"],
+        env=ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        # One job: the 2-job sweep above already shows jobs running side by side.
+        result = ray_sweep(tmp_path / "sweep", [f"hydra.launcher.ray.init.address=127.0.0.1:{port}"], alphas="0.5")
+        assert "Connecting to existing Ray cluster" in result.stderr + result.stdout
+        assert_ray_sweep(tmp_path / "sweep", result, alphas=("0.5",))
+    finally:
+        head.terminate()  # --block: the head's processes stop with it
+        head.wait(timeout=60)
+    assert_stopped(ray_dir)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --- MLflow -----------------------------------------------------------------------------
+
+needs_mlflow = pytest.mark.skipif(
+    importlib.util.find_spec("mlflow") is None, reason="MLflow: mlflow is not installed: pip install -e '.[mlflow]'"
+)
+
+
+@pytest.mark.slow
+@needs_mlflow
+def test_mlflow_records_each_sweep_job_as_a_run_beside_csv_and_tensorboard(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "run.py", "-m", *JOB, "train.epochs=2", "train.plot_every=1", "train.alpha=0.1,1.0",
+         "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.tracking_uri={store}", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("vae_lab")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.sweep = '{sweep_dir.resolve()}'")
+    by_job = {run.data.tags["job"]: run for run in runs}
+    assert sorted(by_job) == ["0", "1"]
+    for job, alpha in (("0", "0.1"), ("1", "1.0")):
+        run, job_dir = by_job[job], sweep_dir / job
+        assert run.info.status == "FINISHED" and run.info.run_name == f"sweep/{job}"
+        assert run.data.params["train.alpha"] == alpha and run.data.params["model._target_"] == "vae_lab.model.ConvVAE"
+        with (job_dir / "metrics.csv").open() as file:
+            rows = list(csv.DictReader(file))
+        history = client.get_metric_history(run.info.run_id, "test_loss")
+        assert [(m.step, m.value) for m in history] == [(int(r["epoch"]), pytest.approx(float(r["test_loss"]))) for r in rows]
+        report = json.loads((job_dir / "results" / "metrics.json").read_text())
+        assert run.data.metrics["final/neg_elbo"] == pytest.approx(report["neg_elbo"])
+        assert run.data.metrics["final/active_units"] == report["active_units"]
+        artifacts = _artifact_paths(client, run.info.run_id)
+        assert {"config.yaml", "progress/reconstruction_0001.png", "progress/samples_0002.png",
+                "progress/loss_curves.png", "results/metrics.json"} <= artifacts
+        assert {f"results/{p.name}" for p in (job_dir / "results").glob("*.png")} <= artifacts
+        assert list((job_dir / "tensorboard").glob("events.out.tfevents.*"))  # the loggers compose
+
+
+def _artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
+    paths = set()
+    for item in client.list_artifacts(run_id, folder):
+        paths |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths
+
+
+# --- Optuna -----------------------------------------------------------------------------
+
+
+def _optuna_storage_unusable() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        optuna, sqlalchemy = (int(version(name).split(".")[0]) for name in ("optuna", "sqlalchemy"))
+    except PackageNotFoundError:
+        return "Optuna: not installed: pip install -e '.[sweep]'"
+    if optuna < 3 and sqlalchemy >= 2:
+        return "Optuna: optuna 2 cannot store studies with SQLAlchemy 2 here: pip install -e '.[sweep]' pins SQLAlchemy < 2"
+    return None
+
+
+def optuna_sweep(sweep_dir: Path, storage: str, *overrides: str) -> list[str]:
+    return [sys.executable, "run.py", "-m", *JOB, "train.evaluate_at_end=false", "experiment=optuna_search",
+            f"hydra.sweeper.storage={storage}", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_optuna_storage_unusable() is not None, reason=str(_optuna_storage_unusable()))
+def test_an_optuna_study_in_sqlite_continues_after_the_sweep_is_killed(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(optuna_sweep(tmp_path / "first", storage, "hydra.sweeper.n_trials=2"),
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # killed outright (a lost node, a time limit) once trial 0 is told and trial 1 is training
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "first" / "1" / "metrics.csv").is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        first.kill()
+        first.wait()
+    study = optuna.load_study(study_name="vae_lab_neg_elbo", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+
+    # A new sampler seed: the same seed would propose trial 0's point again.
+    second = subprocess.run(optuna_sweep(tmp_path / "second", storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=1"),
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Using an existing study" in second.stderr + second.stdout
+    trials = optuna.load_study(study_name="vae_lab_neg_elbo", storage=storage).trials
+    assert [t.number for t in trials] == [0, 1, 2]
+    assert [t.state.name for t in trials] == ["COMPLETE", "RUNNING", "COMPLETE"]
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
+    assert (tmp_path / "second" / "0" / "metrics.csv").is_file()
+
+
+
+# --- Config and command-line checks (fast) ------------------------------------------------
+
+
+def test_loggers_compose_from_a_list_and_csv_is_always_on(make_cfg, tmp_path):
+    from vae_lab.loggers import CSVLogger, Loggers, TensorBoardLogger
+    from vae_lab.runtime import build
+
+    pytest.importorskip("tensorboard", reason="logger=tensorboard needs the tensorboard package")
+    cfg = make_cfg("logger=[csv,tensorboard,mlflow]")
+    assert set(cfg.logger) == {"_target_", "_partial_", "tensorboard", "mlflow"}
+    assert cfg.logger.mlflow.tracking_uri == "sqlite:///mlruns/mlflow.db"
+    loggers = build(make_cfg("logger=tensorboard").logger)(tmp_path)
+    assert isinstance(loggers, Loggers) and [type(x) for x in loggers.loggers] == [CSVLogger, TensorBoardLogger]
+    loggers.close()
+    assert [type(x) for x in build(make_cfg().logger)(tmp_path).loggers] == [CSVLogger]
+
+
+def test_a_persistent_optuna_study_that_cannot_work_is_refused_with_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    from vae_lab.cli import _optuna_storage_problem
+
+    versions = {"optuna": "2.10.1", "sqlalchemy": "2.0.30"}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    message = _optuna_storage_problem(["experiment=optuna_search", "hydra.sweeper.storage=sqlite:///optuna.db"])
+    assert message.startswith("error: hydra.sweeper.storage needs SQLAlchemy < 2") and "pip install -e '.[sweep]'" in message
+    assert _optuna_storage_problem(["experiment=optuna_search", "hydra.sweeper.storage=null"]) is None
+    versions["sqlalchemy"] = "1.4.54"
+    assert _optuna_storage_problem(["hydra.sweeper.storage=sqlite:///optuna.db"]) is None
+
+
+def test_an_mlflow_run_ends_killed_when_a_signal_stops_training_and_failed_on_an_error():
+    from vae_lab.errors import VaeLabError
+    from vae_lab.loggers import _run_status
+    from vae_lab.train import TrainingInterrupted
+
+    assert _run_status(None) == "FINISHED"
+    assert _run_status(TrainingInterrupted("interrupted during epoch 3", 15)) == "KILLED"  # scancel's SIGTERM
+    assert _run_status(KeyboardInterrupt()) == "KILLED"
+    assert _run_status(VaeLabError("training diverged")) == "FAILED"
