@@ -361,7 +361,7 @@ MALFORMED = [
     ("history value that is not a number", lambda s: {**s, "history": [{**s["history"][0], "test_loss": "low"}]},
      f"{WELL_FORMED} (history is not a list of metrics.csv rows)"),
     ("loss argument its class does not take", _config(lambda c: c["loss"].update(shell="rm -rf")),
-     "its config gives loss arguments that vae_lab.loss.VAELoss does not take (got an unexpected keyword argument 'shell')"),
+     "its config gives loss arguments that vae_lab.objectives.ELBO does not take (got an unexpected keyword argument 'shell')"),
     ("optimizer argument its class does not take", _config(lambda c: c["optim"].update(shell=1)),
      "its config gives optim arguments that torch.optim.Adam does not take"),
     ("weights changed after the digest", lambda s: {**_weight(0.5)(s), checkpoint.DIGEST_KEY: s[checkpoint.DIGEST_KEY]},
