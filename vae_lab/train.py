@@ -213,6 +213,7 @@ def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
         for key in EXPERIMENT_KEYS:
             cfg[key] = saved[key]
         cfg.data = data
+        cfg.data.fallback = False  # resuming never switches data sets: missing data stops the run
         cfg.train.alpha = saved.train.alpha
     return cfg
 
@@ -258,7 +259,7 @@ def _progress_inputs(test_images: torch.Tensor, latent_dim: int, cfg: DictConfig
 @torch.no_grad()
 def _progress_images(model, inputs: dict, folder: Path, epoch: int, cfg: DictConfig, logger) -> None:
     model.eval()
-    per_row = cfg.evaluate.images_per_row
+    per_row = min(cfg.evaluate.images_per_row, len(inputs["images"]))  # a test split smaller than a row
     mu, _ = model.encode(inputs["images"])
     reconstruction = plots.reconstruction_grid(
         inputs["images"], model.decode(mu), folder / f"reconstruction_{epoch:04d}.png",
