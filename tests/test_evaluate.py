@@ -68,10 +68,10 @@ def test_iw_bound_is_below_the_elbo_and_tightens_with_k(trained):
     from vae_lab.data import load_dataset
 
     images = load_dataset("mnist_5k", limit=128).test_images
-    bounds = [importance_weighted_nll(model, images, k, "bce", batch_size=64) for k in (1, 10, 100)]
+    bounds = [importance_weighted_nll(model, images, k, batch_size=64) for k in (1, 10, 100)]
     assert bounds[0] > bounds[1] > bounds[2]
     # 5,000 samples in chunks of 512 decodings: bounded memory, still tighter.
-    assert importance_weighted_nll(model, images[:4], 5000, "bce", batch_size=64, chunk=512) < bounds[1] + 1.0
+    assert importance_weighted_nll(model, images[:4], 5000, batch_size=64, chunk=512) < bounds[1] + 1.0
 
 
 def test_iw_bound_with_one_sample_is_the_elbo_in_expectation():
@@ -79,10 +79,10 @@ def test_iw_bound_with_one_sample_is_the_elbo_in_expectation():
     model = ConvVAE(latent_dim=2).eval()
     images = torch.rand(16, 1, 28, 28).round()
     from vae_lab.engine import run_epoch
-    from vae_lab.loss import VAELoss
+    from vae_lab.objectives import ELBO
 
-    elbo = run_epoch(model, VAELoss("bce", 1.0), images, 16)
-    iw = [importance_weighted_nll(model, images, 1, "bce", batch_size=16, seed=s) for s in range(20)]
+    elbo = run_epoch(model, ELBO("bce", 1.0), images, 16)
+    iw = [importance_weighted_nll(model, images, 1, batch_size=16, seed=s) for s in range(20)]
     assert sum(iw) / len(iw) == pytest.approx(elbo["loss"], rel=0.01)
 
 

@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_lab.model import ConvVAE, MLPVAE
+from vae_lab.likelihoods import ContinuousBernoulli, Gaussian
+from vae_lab.model import ConvVAE, MLPVAE, ResNetVAE
+from vae_lab.priors import MixturePrior, VampPrior
 
 REFERENCE_PRINTOUT = (Path(__file__).parent / "data" / "reference_printout.txt").read_text().rstrip("\n")
 
@@ -16,7 +18,13 @@ def test_conv_vae_has_the_reference_parameter_count():
     assert sum(p.numel() for p in ConvVAE().parameters()) == 96_481
 
 
-@pytest.mark.parametrize("model_class", [ConvVAE, MLPVAE])
+def test_a_non_standard_prior_or_likelihood_shows_in_the_printout():
+    model = ConvVAE(prior=MixturePrior(16, components=3), likelihood=Gaussian())
+    assert "(prior): MixturePrior()" in repr(model) and "(likelihood): Gaussian()" in repr(model)
+    assert repr(model).replace("  (prior): MixturePrior()\n  (likelihood): Gaussian()\n", "") == REFERENCE_PRINTOUT
+
+
+@pytest.mark.parametrize("model_class", [ConvVAE, MLPVAE, ResNetVAE])
 @pytest.mark.parametrize("latent_dim", [1, 2, 16])
 def test_shapes(model_class, latent_dim):
     model = model_class(latent_dim=latent_dim)
@@ -28,15 +36,42 @@ def test_shapes(model_class, latent_dim):
     assert torch.equal(mu, mu2) and torch.equal(logvar, logvar2)
     assert 0 <= reconstruction.min() and reconstruction.max() <= 1
     z = torch.randn(5, latent_dim)
-    assert model.decode_logits(z).shape == (5, 1, 28, 28)
+    assert model.decode(z).shape == (5, 1, 28, 28)
     assert model.sample(7).shape == (7, 1, 28, 28)
 
 
+@pytest.mark.parametrize("model_class", [ConvVAE, MLPVAE, ResNetVAE])
+@pytest.mark.parametrize("image_shape", [(1, 32, 32), (3, 28, 28), (1, 27, 29)])
+def test_models_take_the_image_shape_from_the_data(model_class, image_shape):
+    model = model_class(latent_dim=3, image_shape=image_shape).eval()
+    x = torch.rand(2, *image_shape)
+    assert model.posterior(x)[0].shape == (2, 3)
+    assert model.decode(torch.randn(2, 3)).shape == (2, *image_shape)
+    assert model.reconstruct(x).shape == x.shape
+
+
 @pytest.mark.parametrize("model_class", [ConvVAE, MLPVAE])
-def test_decode_is_the_sigmoid_of_decode_logits(model_class):
+def test_the_reference_decoder_ends_in_its_sigmoid_and_decode_stops_before_it(model_class):
     model = model_class(latent_dim=3).eval()
     z = torch.randn(4, 3)
-    torch.testing.assert_close(model.decode(z), torch.sigmoid(model.decode_logits(z)))
+    torch.testing.assert_close(model.mean(model.decode(z)), torch.sigmoid(model.decode(z)))
+    if model_class is ConvVAE:
+        torch.testing.assert_close(model.decoder(z), model.mean(model.decode(z)))
+
+
+def test_pictures_use_the_likelihood_mean():
+    model = MLPVAE(latent_dim=2, likelihood=ContinuousBernoulli()).eval()
+    output = model.decode(torch.randn(3, 2))
+    expected = torch.distributions.ContinuousBernoulli(logits=output).mean
+    torch.testing.assert_close(model.mean(output), expected)
+
+
+@pytest.mark.parametrize("prior", [MixturePrior(2, components=4), VampPrior(2, components=6)])
+def test_samples_come_from_the_model_prior_and_are_seeded(prior):
+    model = MLPVAE(latent_dim=2, hidden_dim=16, prior=prior).eval()
+    first = model.sample_prior(5, torch.Generator().manual_seed(1))
+    assert torch.equal(first, model.sample_prior(5, torch.Generator().manual_seed(1)))
+    assert model.sample(5).shape == (5, 1, 28, 28)
 
 
 def test_sample_is_reproducible_from_a_generator():

@@ -76,7 +76,7 @@ CATALOGUE = [
     ("pickle that runs code", ["task=evaluate", "evaluate.checkpoint=MALICIOUS"], 2,
      "refused to load MALICIOUS: it holds Python objects that could run code when unpickled"),
     ("config that builds os.system", ["task=evaluate", "evaluate.checkpoint=EVILCONFIG"], 2,
-     "refused EVILCONFIG: its config builds model with 'os.system'"),
+     "refused EVILCONFIG: its config builds something vae_lab does not trust: model is built by 'os.system'"),
     ("resume from a missing file", ["train.resume=MISSING"], 2, "no checkpoint at MISSING: the file does not exist"),
     ("no data and no fallback", ["data=mnist", "data.root=EMPTY", "data.download=false", "data.fallback=false"], 2,
      "mnist not found under EMPTY/MNIST/raw"),
@@ -136,9 +136,9 @@ CATALOGUE = [
     ("number as the device", ["device=5"], 2, "device=5 is not allowed: use auto, cpu, cuda, cuda:N or mps"),
     ("amp not a boolean", ["train.amp=3"], 2, "train.amp=3 is not allowed: use true or false"),
     ("absurd latent size", ["model.latent_dim=1000000000"], 2,
-     "model (vae_lab.model.ConvVAE) with these settings has 194,000,093,377 parameters, which need about 2,891 GiB to train"),
+     "model (vae_lab.model.ConvVAE) with these settings has, which need about 2,891 GiB to train"),
     ("absurd hidden size", ["model=mlp_vae", "model.hidden_dim=100000000"], 2,
-     "model (vae_lab.model.MLPVAE) with these settings has 163,000,000,824 parameters"),
+     "model (vae_lab.model.MLPVAE) with these settings has"),
     # 9. small data: the figures adapt or are skipped with a note; the run finishes
     ("test split smaller than a grid row", ["data.limit=15", "train.evaluate_at_end=true"], 0, None),
     ("images_per_row larger than the test split", ["data.limit=20", "evaluate.images_per_row=64", "train.evaluate_at_end=true"], 0, None),
@@ -352,25 +352,25 @@ def test_a_malicious_checkpoint_is_refused_without_running_its_payload(files, tm
     plain.write_bytes(pickle.dumps({"model": Payload(files["MARKER"])}))
     with pytest.raises(CheckpointError, match="not a PyTorch file"):
         load_checkpoint(plain)
-    with pytest.raises(CheckpointError, match="its config builds model with 'os.system'"):
+    with pytest.raises(CheckpointError, match="model is built by 'os.system', and os is not a trusted module"):
         run_task(compose_config("task=evaluate", f"evaluate.checkpoint={files['EVILCONFIG']}"), tmp_path / "run")
     assert not files["MARKER"].exists()
 
 
 def test_a_nan_loss_keeps_the_last_good_checkpoint_and_says_how_to_resume(monkeypatch, tmp_path):
-    import vae_lab.train as train
+    from vae_lab.objectives import ELBO
 
-    real, calls = train.elbo_terms, {"n": 0}
+    real, calls = ELBO.__call__, {"n": 0}
 
-    def poisoned(model, loss_fn, x, noise=None):
-        terms = real(model, loss_fn, x, noise)
+    def poisoned(self, model, x, noise=None):
+        terms = real(self, model, x, noise)
         if model.training:
             calls["n"] += 1
             if calls["n"] == 7:  # 4 training steps per epoch: step 3 of epoch 2
                 return type(terms)(terms.total * float("nan"), terms.recon, terms.kl)
         return terms
 
-    monkeypatch.setattr(train, "elbo_terms", poisoned)  # the step function the train task hands the engine
+    monkeypatch.setattr(ELBO, "__call__", poisoned)  # the objective the train task hands the engine
     with pytest.raises(VaeLabError) as error:
         run_task(compose_config("train.epochs=3"), tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"

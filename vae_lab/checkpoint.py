@@ -17,6 +17,7 @@ which refuses any pickle that would construct arbitrary objects or run code.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pickle
 import uuid
@@ -35,15 +36,66 @@ MACHINE_DATA_KEYS = ("root", "download", "fallback")
 REQUIRED_KEYS = ("format", "epoch", "model", "config")
 
 
-# What each config group of a checkpoint may build: our own parts by name, torch's
-# optimizers and schedulers by module and base class.
-ALLOWED_TARGETS = {
-    "model": {"vae_lab.model.ConvVAE", "vae_lab.model.MLPVAE"},
-    "loss": {"vae_lab.loss.VAELoss"},
-    "data": {"vae_lab.data.load_dataset"},
-    "optim": ("torch.optim", torch.optim.Optimizer),
-    "scheduler": ("torch.optim.lr_scheduler", torch.optim.lr_scheduler.LRScheduler),
+# What each config group may build: a class from a trusted module that derives from the
+# group's base class (for data: a loader whose declared return type is ImageData). Trusted
+# are vae_lab's own modules, torch's optimizers and schedulers, and the modules a user
+# lists in `trusted_modules` (with their submodules). Nothing else is ever imported.
+GROUP_BASES = {
+    "model": ("vae_lab.model", "VAE"),
+    "prior": ("vae_lab.priors", "Prior"),
+    "loss": ("vae_lab.objectives", "Objective"),
+    "data": ("vae_lab.data", "ImageData"),
+    "optim": ("torch.optim", "Optimizer"),
+    "scheduler": ("torch.optim.lr_scheduler", "LRScheduler"),
 }
+OWN_MODULES = ("vae_lab.model", "vae_lab.priors", "vae_lab.objectives", "vae_lab.loss", "vae_lab.data",
+               "torch.optim", "torch.optim.lr_scheduler")
+DEFAULT_PRIOR = {"_target_": "vae_lab.priors.NormalPrior"}  # checkpoints from before priors existed
+# The parts of a checkpoint's config vae_lab ever reads; the rest (logger, evaluate, ...) is dropped.
+READ_FROM_CHECKPOINT = (*GROUP_BASES, "train", "seed")
+
+
+def untrusted_target(config: dict, trusted_modules=()) -> str | None:
+    """Why `config` (a plain dict) would build something it must not, or None.
+
+    The module of each group's `_target_` is checked by name before it is imported; only
+    then is the target looked up and checked against the group's base class. A
+    `_target_` anywhere else in the tree is refused: vae_lab never writes one there.
+    """
+    read = {key: config[key] for key in READ_FROM_CHECKPOINT if key in config}
+    hidden = [key for key in _target_paths(read) if key.count(".") != 1 or key.split(".")[0] not in GROUP_BASES]
+    if hidden:
+        return f"it has a _target_ at {hidden[0]}, where vae_lab never puts one"
+    for group, (base_module, base_name) in GROUP_BASES.items():
+        node = config.get(group)
+        if node is None and group == "prior":
+            continue
+        target = node.get("_target_") if isinstance(node, dict) else None
+        if not isinstance(target, str) or "." not in target:
+            return f"{group} names no class to build ({target!r})"
+        module_name, _, name = target.rpartition(".")
+        if not _is_trusted(module_name, trusted_modules):
+            return (f"{group} is built by {target!r}, and {module_name} is not a trusted module "
+                    "(trusted: vae_lab's own modules and those you list in trusted_modules=[...])")
+        found = getattr(importlib.import_module(module_name), name, None)
+        base = getattr(importlib.import_module(base_module), base_name)
+        if not _builds(found, base):
+            return f"{group} is built by {target!r}, which is not a {base_module}.{base_name}{' loader' if group == 'data' else ' class'}"
+    return None
+
+
+def _is_trusted(module_name: str, trusted_modules) -> bool:
+    own = module_name in OWN_MODULES
+    listed = any(module_name == m or module_name.startswith(m + ".") for m in trusted_modules if isinstance(m, str) and m)
+    return own or listed
+
+
+def _builds(found, base: type) -> bool:
+    if isinstance(found, type):
+        return issubclass(found, base)
+    if callable(found) and base.__name__ == "ImageData":  # a loader function must declare what it returns
+        return inspect.signature(found).return_annotation in (base, base.__name__)
+    return False
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -106,33 +158,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def saved_config(state: dict, path: str | Path) -> DictConfig:
-    """The run config a checkpoint holds, once it is known to build only our own parts.
+def saved_config(state: dict, path: str | Path, trusted_modules=()) -> DictConfig:
+    """The run config a checkpoint holds, once it is known to build only trusted parts.
 
     The config's `_target_`s are instantiated later, and instantiating is calling: a
-    crafted file could name any function. So each group must name one of the classes
-    it may name, and no `_target_` may hide deeper in the tree.
+    crafted file could name any function. `trusted_modules` comes from the current
+    command line, never from the checkpoint.
     """
     config = state["config"]
-    for group, allowed in ALLOWED_TARGETS.items():
-        node = config.get(group) if isinstance(config, dict) else None
-        target = node.get("_target_") if isinstance(node, dict) else None
-        if not _allowed(target, allowed):
-            raise CheckpointError(f"refused {path}: its config builds {group} with {target!r}, which is not one of vae_lab's {group} classes.")
-    hidden = [key for key in _target_paths(config) if key.count(".") != 1]
-    if hidden:
-        raise CheckpointError(f"refused {path}: its config has a _target_ at {hidden[0]}, where vae_lab never writes one.")
-    return OmegaConf.create(config)
-
-
-def _allowed(target, allowed: set | tuple) -> bool:
-    if isinstance(allowed, set):
-        return target in allowed
-    module_name, base = allowed
-    if not isinstance(target, str) or target.rpartition(".")[0] != module_name:
-        return False
-    found = getattr(importlib.import_module(module_name), target.rpartition(".")[2], None)
-    return isinstance(found, type) and issubclass(found, base)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"refused {path}: its config is not a mapping.")
+    problem = untrusted_target(config, trusted_modules)
+    if problem:
+        raise CheckpointError(f"refused {path}: its config builds something vae_lab does not trust: {problem}.")
+    return OmegaConf.create({"prior": DEFAULT_PRIOR, **{key: config[key] for key in READ_FROM_CHECKPOINT if key in config}})
 
 
 def _target_paths(node, prefix: str = "") -> list[str]:

@@ -52,6 +52,7 @@ class ImageData:
     test_labels: torch.Tensor
     binarize: str = "none"
     fallback: bool = False  # True when `name` replaced the data set asked for
+    classes: tuple[str, ...] = ()  # class names for a data set of a user's own; ours are in CLASS_NAMES
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> ImageData:
         """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions)."""
@@ -64,12 +65,25 @@ class ImageData:
         )
 
     @property
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image."""
+        return tuple(self.train_images.shape[1:])
+
+    @property
+    def binary(self) -> bool:
+        """Whether the pixels the likelihoods score are 0/1 (static or dynamic binarization)."""
+        return self.binarize != "none"
+
+    @property
     def dynamic_binarization(self) -> bool:
         return self.binarize == "dynamic"
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return CLASS_NAMES[self.name]
+        if self.classes:
+            return self.classes
+        count = int(max(self.train_labels.max(), self.test_labels.max())) + 1
+        return CLASS_NAMES.get(self.name, tuple(str(i) for i in range(count)))
 
     @property
     def variant(self) -> str:

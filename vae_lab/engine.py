@@ -7,13 +7,10 @@ free), which is also when the progress bar is refreshed and non-finite losses ar
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
-from vae_lab.loss import LossTerms
-from vae_lab.model import reparameterize
 from vae_lab.data import index_batches
 
 EVAL_NOISE_SEED = 0  # evaluation draws the same z for every image, every epoch, every device
@@ -28,33 +25,25 @@ class NonFiniteLossError(RuntimeError):
         self.value = value
 
 
-def elbo_terms(model, loss_fn, x: torch.Tensor, noise: torch.Tensor | None = None) -> LossTerms:
-    """The loss terms of one batch x (B, 1, 28, 28) with one sample z ~ q(z|x)."""
-    mu, logvar = model.encode(x)
-    z = reparameterize(mu, logvar, noise)
-    return loss_fn(x, model.decode_logits(z), mu, logvar)
-
-
 def run_epoch(
     model,
-    loss_fn,
+    objective,
     images: torch.Tensor,
     batch_size: int,
     *,
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
     dynamic_binarization: bool = False,
-    amp: bool = False,
-    terms_fn=elbo_terms,
     description: str = "",
     sync_every: int | None = None,
 ) -> dict[str, float]:
-    """Train (optimizer given) or evaluate (no optimizer) on all `images` (N, 1, 28, 28).
+    """Train (optimizer given) or evaluate (no optimizer) on all `images` (N, C, H, W).
 
-    Training shuffles with `generator` and draws z from the global RNG; evaluation
-    goes in order with fixed noise, so its result is a deterministic function of
-    the weights. `amp` runs the step under bfloat16 autocast; `terms_fn` may be a
-    compiled `elbo_terms`. Returns the per-image means of loss, recon and kl.
+    `objective(model, x, noise) -> LossTerms` (vae_lab.objectives, possibly under
+    autocast or compiled: train.accelerated) owns the forward pass; this loop only
+    backpropagates its total. Training shuffles with `generator` and draws z from the
+    global RNG; evaluation goes in order with fixed noise, so its result is a
+    deterministic function of the weights. Returns the per-image means of loss, recon, kl.
     """
     training = optimizer is not None
     device = images.device
@@ -66,8 +55,7 @@ def run_epoch(
     if not training:
         # Drawn on the CPU so CPU and GPU evaluations see the same z.
         cpu_generator = torch.Generator().manual_seed(EVAL_NOISE_SEED)
-        noise = torch.randn(n, model.latent_dim, generator=cpu_generator).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
+        noise = torch.randn(n, *objective.noise_shape(model.latent_dim), generator=cpu_generator).to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl, summed over images
     batches = list(index_batches(n, batch_size, generator=generator if training else None, device=device))
     bar = tqdm(batches, desc=description, leave=False, disable=None, dynamic_ncols=True, unit="batch")
@@ -77,8 +65,7 @@ def run_epoch(
             x = images[index]
             if dynamic_binarization and training:
                 x = torch.bernoulli(x)
-            with autocast:
-                terms = terms_fn(model, loss_fn, x, None if noise is None else noise[index])
+            terms = objective(model, x, None if noise is None else noise[index])
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()

@@ -23,11 +23,12 @@ from vae_lab.checkpoint import data_config_here, load_checkpoint, load_model_wei
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
-from vae_lab.runtime import build, resolve_device
+from vae_lab.runtime import build, build_vae, resolve_device
 
 log = logging.getLogger(__name__)
 
 TRAVERSAL_STEPS = 20  # images per row of latent_traversal.png
+PRIOR_QUANTILE_DRAWS = 20_000  # prior samples behind the traversal's quantiles
 INTERPOLATION_PAIRS = 8
 
 
@@ -47,23 +48,23 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     _refuse_existing(results_dir)
     path = resolve_checkpoint_path(checkpoint)
     state = load_checkpoint(path)
-    saved = saved_config(state, path)
+    saved = saved_config(state, path, tuple(cfg.trusted_modules))
     device = resolve_device(cfg.device)
-    model = build(saved.model)
+    data = build(data_config_here(state, saved, cfg.data)).to(device)
+    model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape)
     load_model_weights(model, state, path)
     model.to(device).eval()
-    loss_fn = build(saved.loss)
-    data = build(data_config_here(state, saved, cfg.data)).to(device)
     ev = cfg.evaluate
     log.info("evaluating %s (epoch %d) on %d %s test images (%s)", path, state["epoch"], len(data.test_images), data.name, data.variant)
 
     images = data.test_images
-    one_sample = run_epoch(model, loss_fn, images, ev.batch_size, description="ELBO")
+    one_sample = run_epoch(model, objective, images, ev.batch_size, description="ELBO")
     mu, logvar = encode_all(model, images, ev.batch_size)
-    kl_dims = mean_kl_per_dimension(mu, logvar).cpu().numpy()
+    kl_dims = mean_kl_per_dimension(model.prior, mu, logvar)
+    kl_dims = None if kl_dims is None else kl_dims.cpu().numpy()
     active = active_units(mu).cpu().numpy()
     iw_started = time.perf_counter()
-    iw_nll = importance_weighted_nll(model, images, ev.iw_samples, loss_fn.reconstruction, batch_size=ev.batch_size, seed=cfg.seed)
+    iw_nll = importance_weighted_nll(model, images, ev.iw_samples, batch_size=ev.batch_size, seed=cfg.seed)
     iw_seconds = time.perf_counter() - iw_started
     report = {
         "checkpoint": str(path.resolve()),
@@ -72,22 +73,29 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
         "data_variant": data.variant,
         "binarize": data.binarize,
         "test_images": len(images),
-        "reconstruction_loss": loss_fn.reconstruction,
-        "alpha": loss_fn.alpha,
+        "model": saved.model._target_.rpartition(".")[2],
+        "prior": saved.prior._target_.rpartition(".")[2],
+        "objective_name": repr(objective),
+        "reconstruction_loss": objective.reconstruction,
+        "true_log_likelihood": model.likelihood.is_true_log_likelihood(data.binary),
+        "kl_estimator": "closed form" if model.prior.closed_form_kl else "Monte Carlo (log q(z|x) - log p(z) at the sampled z)",
+        "alpha": getattr(objective, "alpha", 1.0),
         "objective": one_sample["loss"],
         "neg_elbo": one_sample["recon"] + one_sample["kl"],
         "recon": one_sample["recon"],
         "kl": one_sample["kl"],
         "iw_samples": ev.iw_samples,
         "iw_nll": iw_nll,
-        "latent_dim": len(kl_dims),
+        "latent_dim": model.latent_dim,
         "active_units": int(active.sum()),
-        "kl_per_dimension": [round(float(v), 6) for v in kl_dims],
+        "kl_per_dimension": None if kl_dims is None else [round(float(v), 6) for v in kl_dims],
         "mse_per_pixel": reconstruction_mse(model, images, ev.batch_size),
         "iw_seconds": round(iw_seconds, 3),
     }
+    if isinstance(getattr(model.likelihood, "log_scale", None), torch.Tensor):
+        report["likelihood_scale"] = float(model.likelihood.log_scale.exp())
     try:
-        with _staging(results_dir) as folder:
+        with _staging(results_dir) as folder, model.prior.frozen(model.posterior):
             _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
             report["seconds"] = round(time.perf_counter() - started, 3)
             (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -133,16 +141,19 @@ def _figures(model, data, mu: torch.Tensor, kl_dims: np.ndarray, active: np.ndar
     per_row = min(ev.images_per_row, len(images))  # a small test split: fewer, shorter rows
     count = min(ev.reconstruction_rows, len(images) // per_row) * per_row
     plots.reconstruction_grid(
-        images[:count], model.decode(mu[:count]), folder / "reconstruction.png", per_row=per_row,
+        images[:count], model.mean(model.decode(mu[:count])), folder / "reconstruction.png", per_row=per_row,
         title="Reconstruction: odd rows test images, even rows their reconstructions",
     )
     generator = torch.Generator().manual_seed(seed)
     plots.image_grid(
         model.sample(ev.generation_samples, generator=generator), folder / "random_generation.png",
-        nrow=per_row, title=f"Random generation: decoded z ~ N(0, I), latent_dim={model.latent_dim}",
+        nrow=per_row, title=f"Random generation: decoded z ~ p(z) ({type(model.prior).__name__}), latent_dim={model.latent_dim}",
     )
     _embedding(mu, labels, data.class_names, ev, folder / "latent_embedding.png", seed)
-    _traversal(model, mu, labels, folder / "latent_traversal.png")
+    _traversal(model, mu, labels, folder / "latent_traversal.png", seed)
+    if kl_dims is None:
+        log.info("kl_per_dimension.png not drawn: the KL to a %s does not split by latent dimension", type(model.prior).__name__)
+        return
     plots.kl_per_dimension(
         kl_dims, active, folder / "kl_per_dimension.png",
         title=f"KL per latent dimension: {int(active.sum())} of {len(kl_dims)} active (Cov_x E[z|x] > 0.01)",
@@ -178,19 +189,21 @@ def _embedding(mu: torch.Tensor, labels: torch.Tensor, class_names, ev: DictConf
                            axis_label=axis, class_names=class_names)
 
 
-def _traversal(model, mu: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+def _traversal(model, mu: torch.Tensor, labels: torch.Tensor, path: Path, seed: int) -> None:
     """2-D (or 1-D) latent: the decoded manifold over the prior's quantiles; larger: interpolations."""
     quantiles = torch.linspace(0.05, 0.95, TRAVERSAL_STEPS)
-    values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
     device = mu.device
     if model.latent_dim <= 2:
+        # Each axis over the 5%..95% quantiles of the prior's marginal, estimated from samples (any prior).
+        draws = model.sample_prior(PRIOR_QUANTILE_DRAWS, torch.Generator().manual_seed(seed)).float().cpu()
+        values = torch.quantile(draws, quantiles, dim=0)  # (steps, D)
         if model.latent_dim == 1:
-            z = values.view(-1, 1)
+            z = values
         else:  # rows: z2 from high to low (as a y axis reads), columns: z1 from low to high
-            z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")
+            z2, z1 = torch.meshgrid(values[:, 1].flip(0), values[:, 0], indexing="ij")
             z = torch.stack([z1.flatten(), z2.flatten()], dim=1)
         title = f"Latent traversal: the decoder over the prior's 5%..95% quantiles ({model.latent_dim}-D latent)"
-        plots.image_grid(model.decode(z.to(device)), path, nrow=TRAVERSAL_STEPS, title=title)
+        plots.image_grid(model.mean(model.decode(z.to(device))), path, nrow=TRAVERSAL_STEPS, title=title)
         return
     starts, ends = _interpolation_pairs(labels.cpu(), INTERPOLATION_PAIRS)
     if not starts:
@@ -198,7 +211,7 @@ def _traversal(model, mu: torch.Tensor, labels: torch.Tensor, path: Path) -> Non
         return
     weights = torch.linspace(0, 1, TRAVERSAL_STEPS, device=device).view(1, -1, 1)  # (1, steps, 1)
     z = mu[starts].unsqueeze(1) * (1 - weights) + mu[ends].unsqueeze(1) * weights  # (pairs, steps, D)
-    plots.image_grid(model.decode(z.flatten(0, 1)), path, nrow=TRAVERSAL_STEPS,
+    plots.image_grid(model.mean(model.decode(z.flatten(0, 1))), path, nrow=TRAVERSAL_STEPS,
                      title="Latent traversal: interpolations between the latent means of pairs of test images")
 
 
@@ -213,11 +226,22 @@ def _interpolation_pairs(labels: torch.Tensor, count: int) -> tuple[list[int], l
     return starts, ends
 
 
+def _likelihood_statement(report: dict) -> str:
+    name = report["reconstruction_loss"]
+    if report["true_log_likelihood"]:
+        return f"yes ({name} on {report['data_variant']})"
+    if name == "bce":
+        return "no: Bernoulli nats on intensities; use data.binarize=dynamic or loss.reconstruction=continuous_bernoulli"
+    return f"no: {name} is not a normalised density (nats off by a constant)"
+
+
 def _log_report(report: dict) -> None:
     rows = [
         ("-ELBO (alpha = 1)", f"{report['neg_elbo']:.3f} nats  (recon {report['recon']:.3f} + KL {report['kl']:.3f})"),
-        (f"objective (alpha = {report['alpha']:g})", f"{report['objective']:.3f} nats"),
+        (f"objective {report['objective_name']}", f"{report['objective']:.3f} nats"),
         (f"-log p(x), IW bound, k = {report['iw_samples']}", f"{report['iw_nll']:.3f} nats"),
+        ("KL estimate", report["kl_estimator"]),
+        ("a true log-likelihood?", _likelihood_statement(report)),
         ("active units", f"{report['active_units']} / {report['latent_dim']}"),
         ("reconstruction MSE per pixel", f"{report['mse_per_pixel']:.5f}"),
     ]

@@ -1,15 +1,15 @@
 """Evaluation metrics: encodings, the importance-weighted bound on -log p(x), active units.
 
-All in nats per image. The single-sample ELBO comes from the engine's evaluation
-pass, so training and evaluation report the same number for the same weights.
+All in nats per image, and all through the model's own posterior, prior and likelihood
+(vae_lab.model.VAE), so they hold for any prior, likelihood or architecture. The
+single-sample ELBO comes from the engine's evaluation pass, so training and evaluation
+report the same number for the same weights.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from vae_lab.loss import kl_per_dimension, log_diagonal_normal, log_standard_normal, reconstruction_nll
 
 # Decoder evaluations per forward pass of the IW bound (images x samples), on any k:
 # on the CPU small passes stay in cache (256 ConvVAE decodings: ~15 MB of
@@ -22,7 +22,7 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z|x]) above this
 def encode_all(model, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and log-variances (N, D) of all images, in evaluation mode."""
     model.eval()
-    pairs = [model.encode(batch) for batch in images.split(batch_size)]
+    pairs = [model.posterior(batch) for batch in images.split(batch_size)]
     return torch.cat([mu for mu, _ in pairs]), torch.cat([logvar for _, logvar in pairs])
 
 
@@ -31,58 +31,50 @@ def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> 
     return mu.var(dim=0, unbiased=True) > threshold
 
 
-def mean_kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL to the prior of each latent dimension, averaged over the images: (D,)."""
-    return kl_per_dimension(mu, logvar).mean(0)
+def mean_kl_per_dimension(prior, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor | None:
+    """KL to the prior of each latent dimension, averaged over the images (D,); None where the
+    prior does not factorise over dimensions (a mixture), so no per-dimension KL exists."""
+    return prior.kl(mu, logvar).mean(0) if prior.closed_form_kl else None
 
 
 @torch.no_grad()
 def reconstruction_mse(model, images: torch.Tensor, batch_size: int) -> float:
     """Mean squared error per pixel of the reconstruction from the posterior mean."""
     model.eval()
-    total = 0.0
-    for batch in images.split(batch_size):
-        mu, _ = model.encode(batch)
-        total += (model.decode(mu) - batch).pow(2).sum().item()
+    total = sum((model.reconstruct(batch) - batch).pow(2).sum().item() for batch in images.split(batch_size))
     return total / images.numel()
 
 
 @torch.no_grad()
-def importance_weighted_nll(
-    model,
-    images: torch.Tensor,
-    k: int,
-    reconstruction: str,
-    *,
-    batch_size: int,
-    seed: int = 0,
-    chunk: int | None = None,
-) -> float:
+def importance_weighted_nll(model, images: torch.Tensor, k: int, *, batch_size: int, seed: int = 0, chunk: int | None = None) -> float:
     """-log p(x) estimated with the k-sample importance-weighted bound (Burda et al., 2016).
 
     log p(x) >= E[log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x)], z_i ~ q(z|x). The k
     samples are taken in chunks and combined with a running logsumexp, so memory
-    depends on `chunk`, not on k. Returns the mean over images, in nats (for the mse
-    loss, up to the same constant as its reconstruction term).
+    depends on `chunk`, not on k. Returns the mean over images, in nats (a true
+    log-likelihood bound only where the likelihood is a normalised density of the data).
     """
     model.eval()
     chunk = chunk or IW_CHUNK.get(images.device.type, IW_CHUNK["cpu"])
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     images_per_pass = max(1, min(batch_size, chunk))
-    for x in images.split(images_per_pass):  # (B, 1, 28, 28)
-        mu, logvar = model.encode(x)  # (B, D)
-        samples_per_pass = max(1, chunk // len(x))
-        log_sum = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
-        done = 0
-        while done < k:
-            c = min(samples_per_pass, k - done)
-            eps = torch.randn(c, *mu.shape, generator=generator).to(x.device)  # (c, B, D)
-            z = mu + torch.exp(0.5 * logvar) * eps
-            logits = model.decode_logits(z.flatten(0, 1)).view(c, *x.shape)  # (c, B, 1, 28, 28)
-            log_px_z = -reconstruction_nll(x, logits, reconstruction)  # (c, B)
-            log_w = log_px_z + log_standard_normal(z) - log_diagonal_normal(z, mu, logvar)  # (c, B)
-            log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w.double(), dim=0))
-            done += c
-        total += (math.log(k) - log_sum).sum().item()
+    with model.prior.frozen(model.posterior):
+        for x in images.split(images_per_pass):  # (B, C, H, W)
+            total += _iw_log_ratio_sum(model, x, k, chunk, generator)
     return total / len(images)
+
+
+def _iw_log_ratio_sum(model, x: torch.Tensor, k: int, chunk: int, generator: torch.Generator) -> float:
+    """Sum over the images x (B, C, H, W) of log k - log sum_i w_i, the k samples in chunks."""
+    mu, logvar = model.posterior(x)  # (B, D)
+    samples_per_pass = max(1, chunk // len(x))
+    log_sum = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
+    done = 0
+    while done < k:
+        c = min(samples_per_pass, k - done)
+        eps = torch.randn(c, *mu.shape, generator=generator).to(x.device)  # (c, B, D)
+        log_w = model.log_weights(x, mu + torch.exp(0.5 * logvar) * eps, mu, logvar)  # (c, B)
+        log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w.double(), dim=0))
+        done += c
+    return (math.log(k) - log_sum).sum().item()

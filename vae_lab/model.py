@@ -1,56 +1,95 @@
-"""The VAE models: a convolutional one (the reference architecture) and the classic MLP.
+"""The VAE models: the reference convolutional VAE, the classic MLP, and a residual one.
 
-Both map images (B, 1, 28, 28) in [0, 1] to a diagonal Gaussian q(z|x) and decode a
-latent z (B, latent_dim) to Bernoulli logits over the pixels. The decoder's last
-module is a Sigmoid, as in the reference printout; the loss works on the logits
-before it (`decode_logits`) for numerical stability.
+A VAE is an encoder x (B, C, H, W) -> q(z|x) = N(mu, diag(exp(logvar))), a decoder
+z (B, D) -> one logit per pixel, a prior p(z) (vae_lab.priors) and a likelihood
+p(x | decoder output) (vae_lab.likelihoods). Subclasses define only the networks:
+`posterior(x)` and `decode(z)`; every figure, bound and sampler goes through the
+methods of the base class, so a new prior or likelihood changes nothing here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from vae_lab.likelihoods import Bernoulli, Likelihood
+from vae_lab.priors import NormalPrior, Prior, log_diagonal_normal
 
 IMAGE_SHAPE = (1, 28, 28)
 
 
 class VAE(nn.Module):
-    """What every model shares: reparameterisation, decoding, sampling.
+    """Encoder + decoder + prior + likelihood; see the module docstring.
 
-    A subclass defines `encode(x) -> (mu, logvar)` and an `nn.Sequential` called
-    `decoder` whose last module is the Sigmoid that turns logits into intensities.
+    A subclass calls `super().__init__(latent_dim, prior, likelihood)` and defines
+    `posterior(x) -> (mu, logvar)` and `decode(z) -> logits (B, C, H, W)`.
     """
 
-    latent_dim: int
+    def __init__(self, latent_dim: int, prior: Prior | None = None, likelihood: Likelihood | None = None):
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+        self.latent_dim = latent_dim
+        self.prior = prior if prior is not None else NormalPrior(latent_dim)
+        self.likelihood = likelihood if likelihood is not None else Bernoulli()
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """Pixel logits (B, 1, 28, 28): the decoder without its final Sigmoid."""
-        *body, _sigmoid = self.decoder
-        for layer in body:
-            z = layer(z)
-        return z
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's (mu, logvar); the name the reference and older code use."""
+        return self.posterior(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Pixel intensities (B, 1, 28, 28) in [0, 1]."""
-        return self.decoder(z)
+        raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction, mu, logvar); z is drawn from q(z|x), so the output is random."""
-        mu, logvar = self.encode(x)
-        return self.decode(reparameterize(mu, logvar)), mu, logvar
+    def mean(self, output: torch.Tensor) -> torch.Tensor:
+        """The images (in [0, 1]) a decoder output stands for: the likelihood's mean."""
+        return self.likelihood.mean(output)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded posterior means, as images."""
+        return self.mean(self.decode(self.posterior(x)[0]))
+
+    def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.prior.log_prob(z, self.posterior)
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z (n, latent_dim) from the prior, drawn from `generator` (CPU) where given."""
+        return self.prior.sample(n, generator, self.posterior)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images (n, 1, 28, 28) decoded from z ~ N(0, I).
+        """n images decoded from z ~ p(z)."""
+        return self.mean(self.decode(self.sample_prior(n, generator)))
 
-        z is drawn on the CPU (from `generator`, a CPU generator, if given), so a seed
-        gives the same samples on every device.
-        """
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator)
-        return self.decode(z.to(device))
+    def kl(self, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per image: the closed form where the prior has one (B,),
+        else the Monte-Carlo estimate log q(z|x) - log p(z) at the given z (..., B)."""
+        if self.prior.closed_form_kl:
+            return self.prior.kl(mu, logvar).sum(-1)
+        return log_diagonal_normal(z, mu, logvar) - self.prior_log_prob(z)
+
+    def log_weights(self, x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) + log p(z) - log q(z|x) for z (k, B, D): the importance weights (k, B)."""
+        output = self.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2])
+        return self.likelihood.log_prob(x, output) + self.prior_log_prob(z) - log_diagonal_normal(z, mu, logvar)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction images, mu, logvar) with z drawn from q(z|x), so the output is random."""
+        mu, logvar = self.posterior(x)
+        return self.mean(self.decode(reparameterize(mu, logvar))), mu, logvar
+
+    def __repr__(self) -> str:
+        # The reference printout lists the networks only: leave out the standard N(0, I)
+        # prior and Bernoulli likelihood, which add no parameters. Others are shown.
+        modules = self._modules
+        self._modules = {name: m for name, m in modules.items() if not getattr(m, "implicit", False)}
+        try:
+            return super().__repr__()
+        finally:
+            self._modules = modules
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,23 +100,26 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor |
 
 
 class ConvVAE(VAE):
-    """The reference convolutional VAE (96,481 parameters with the defaults).
+    """The reference convolutional VAE (96,481 parameters with the defaults, 28 x 28 images).
 
     Encoder: three strided convolutions 28 -> 14 -> 7 -> 2, flattened to
     4 * base_channels * 2 * 2 features, then two MLP heads. `encoder_mean` gives the
     posterior mean; `encoder_std` gives the posterior *log-variance* (the reference's
-    name is kept so the printout matches). The decoder mirrors the encoder.
+    name is kept so the printout matches). The decoder mirrors the encoder and ends in
+    the reference's Sigmoid, which `decode` leaves out: the likelihood works on logits.
+    Other image sizes get the same layers, with the transposed convolutions' output
+    padding chosen to land on the input size.
     """
 
-    def __init__(self, latent_dim: int = 16, hidden_dim: int = 64, base_channels: int = 16):
-        super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+    def __init__(self, latent_dim: int = 16, hidden_dim: int = 64, base_channels: int = 16,
+                 image_shape=IMAGE_SHAPE, prior: Prior | None = None, likelihood: Likelihood | None = None):
+        super().__init__(latent_dim, prior, likelihood)
+        channels, height, width = image_shape
+        sizes = [_conv_sizes(height), _conv_sizes(width)]  # per axis: input, after conv 1, 2, 3
         c1, c2 = base_channels, 2 * base_channels
-        features = c2 * 2 * 2
-        self.latent_dim = latent_dim
+        features = c2 * sizes[0][3] * sizes[1][3]
         self.encoder_conv = nn.Sequential(
-            nn.Conv2d(1, c1, kernel_size=4, stride=2, padding=1),  # (B, c1, 14, 14)
+            nn.Conv2d(channels, c1, kernel_size=4, stride=2, padding=1),  # (B, c1, 14, 14)
             BatchNorm2d(c1),
             nn.ReLU(),
             nn.Conv2d(c1, c2, kernel_size=4, stride=2, padding=1),  # (B, c2, 7, 7)
@@ -89,53 +131,152 @@ class ConvVAE(VAE):
         )
         self.encoder_mean = _mlp_head(features, hidden_dim, latent_dim)
         self.encoder_std = _mlp_head(features, hidden_dim, latent_dim)
+        pad = [tuple(axis[2] - ((axis[3] - 1) * 2 + 5) for axis in sizes), tuple(axis[1] - 2 * axis[2] for axis in sizes),
+               tuple(axis[0] - 2 * axis[1] for axis in sizes)]
+        if any(p not in (0, 1) for step in pad for p in step):
+            raise ValueError(f"ConvVAE cannot decode back to {height} x {width} images; use model=resnet_vae or mlp_vae")
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim),
             nn.ReLU(),
             nn.Linear(hidden_dim, features),
-            nn.Unflatten(1, [c2, 2, 2]),  # a list, as in the reference printout
-            nn.ConvTranspose2d(c2, c2, kernel_size=5, stride=2),  # (B, c2, 7, 7)
+            nn.Unflatten(1, [c2, sizes[0][3], sizes[1][3]]),  # a list, as in the reference printout
+            nn.ConvTranspose2d(c2, c2, kernel_size=5, stride=2, output_padding=pad[0]),  # (B, c2, 7, 7)
             BatchNorm2d(c2),
             nn.ReLU(),
-            nn.ConvTranspose2d(c2, c1, kernel_size=4, stride=2, padding=1),  # (B, c1, 14, 14)
+            nn.ConvTranspose2d(c2, c1, kernel_size=4, stride=2, padding=1, output_padding=pad[1]),  # (B, c1, 14, 14)
             BatchNorm2d(c1),
             nn.ReLU(),
-            nn.ConvTranspose2d(c1, 1, kernel_size=4, stride=2, padding=1),  # (B, 1, 28, 28)
-            nn.Sigmoid(),
+            nn.ConvTranspose2d(c1, channels, kernel_size=4, stride=2, padding=1, output_padding=pad[2]),  # (B, C, 28, 28)
+            nn.Sigmoid(),  # in the printout; decode() stops before it
         )
 
     def _get_name(self) -> str:
         # The reference printout calls the class "Model"; keep print(model) identical.
         return "Model"
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, x):
         h = self.encoder_conv(x)
         return self.encoder_mean(h), self.encoder_std(h)
 
+    def decode(self, z):
+        return self.decoder[:-1](z)
+
+
+def _conv_sizes(size: int) -> tuple[int, int, int, int]:
+    """One axis through ConvVAE's encoder: input, then after each of its three convolutions."""
+    first = (size + 2 - 4) // 2 + 1
+    second = (first + 2 - 4) // 2 + 1
+    third = (second - 5) // 2 + 1
+    if third < 1:
+        raise ValueError(f"ConvVAE needs images of at least 20 x 20 pixels, got an axis of {size}")
+    return size, first, second, third
+
 
 class MLPVAE(VAE):
-    """The classic fully connected VAE: 784 -> hidden -> latent and back."""
+    """The classic fully connected VAE: pixels -> hidden (x hidden_layers) -> latent and back.
 
-    def __init__(self, latent_dim: int = 20, hidden_dim: int = 400):
-        super().__init__()
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
-        pixels = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
-        self.latent_dim = latent_dim
-        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, hidden_dim), nn.ReLU())
+    The defaults are pytorch/examples' (784-400-20, ReLU); hidden_layers=2, hidden_dim=200,
+    activation=tanh, latent_dim=50 is the one-layer model of Burda et al. (2016).
+    """
+
+    def __init__(self, latent_dim: int = 20, hidden_dim: int = 400, hidden_layers: int = 1, activation: str = "relu",
+                 image_shape=IMAGE_SHAPE, prior: Prior | None = None, likelihood: Likelihood | None = None):
+        super().__init__(latent_dim, prior, likelihood)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of {tuple(ACTIVATIONS)}")
+        if hidden_layers < 1:
+            raise ValueError(f"hidden_layers must be >= 1, got {hidden_layers}")
+        pixels = math.prod(image_shape)
+        self.encoder = nn.Sequential(nn.Flatten(), *_dense_stack(pixels, hidden_dim, hidden_layers, activation))
         self.encoder_mean = nn.Linear(hidden_dim, latent_dim)
         self.encoder_std = nn.Linear(hidden_dim, latent_dim)  # log-variance, as in ConvVAE
         self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim),
-            nn.ReLU(),
+            *_dense_stack(latent_dim, hidden_dim, hidden_layers, activation),
             nn.Linear(hidden_dim, pixels),
-            nn.Unflatten(1, IMAGE_SHAPE),
-            nn.Sigmoid(),
+            nn.Unflatten(1, tuple(image_shape)),
         )
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, x):
         h = self.encoder(x)
         return self.encoder_mean(h), self.encoder_std(h)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+class ResNetVAE(VAE):
+    """A deeper convolutional VAE: residual blocks at three resolutions, a wider decoder.
+
+    Encoder: a 3x3 stem to `channels`, then at each of full, 1/2 and 1/4 resolution
+    `blocks` residual blocks, downsampling by strided 4x4 convolutions (doubling the
+    channels), flattened to a `hidden_dim` layer and the two posterior heads.
+    Decoder: the mirror image with `decoder_width` times the channels, upsampling by
+    transposed convolutions, ending in a 3x3 convolution to one logit per pixel.
+    No batch normalisation: the model is a deterministic function of each image, which
+    the VampPrior's pseudo-inputs and the importance-weighted bound rely on.
+    """
+
+    def __init__(self, latent_dim: int = 32, channels: int = 16, blocks: int = 1, decoder_width: int = 2,
+                 hidden_dim: int = 256, image_shape=IMAGE_SHAPE, prior: Prior | None = None,
+                 likelihood: Likelihood | None = None):
+        super().__init__(latent_dim, prior, likelihood)
+        if min(channels, decoder_width, hidden_dim) < 1 or blocks < 0:
+            raise ValueError("channels, decoder_width and hidden_dim must be >= 1, blocks >= 0")
+        image_channels, height, width = image_shape
+        self.sizes = [(height, width), (height // 2, width // 2), (height // 4, width // 4)]  # 4x4 stride-2 convs halve, rounding down
+        c, d = channels, channels * decoder_width
+        low = self.sizes[2][0] * self.sizes[2][1]
+        self.encoder = nn.Sequential(
+            nn.Conv2d(image_channels, c, 3, padding=1), *_res_stack(c, blocks),
+            nn.SiLU(), nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), *_res_stack(2 * c, blocks),
+            nn.SiLU(), nn.Conv2d(2 * c, 4 * c, 4, stride=2, padding=1), *_res_stack(4 * c, blocks),
+            nn.SiLU(), nn.Flatten(), nn.Linear(4 * c * low, hidden_dim), nn.SiLU(),
+        )
+        self.encoder_mean = nn.Linear(hidden_dim, latent_dim)
+        self.encoder_logvar = nn.Linear(hidden_dim, latent_dim)
+        pad = [tuple(big - 2 * small for big, small in zip(self.sizes[i], self.sizes[i + 1])) for i in (1, 0)]
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 4 * d * low), nn.SiLU(),
+            nn.Unflatten(1, (4 * d, *self.sizes[2])), *_res_stack(4 * d, blocks),
+            nn.SiLU(), nn.ConvTranspose2d(4 * d, 2 * d, 4, stride=2, padding=1, output_padding=pad[0]), *_res_stack(2 * d, blocks),
+            nn.SiLU(), nn.ConvTranspose2d(2 * d, d, 4, stride=2, padding=1, output_padding=pad[1]), *_res_stack(d, blocks),
+            nn.SiLU(), nn.Conv2d(d, image_channels, 3, padding=1),
+        )
+
+    def posterior(self, x):
+        h = self.encoder(x)
+        return self.encoder_mean(h), self.encoder_logvar(h)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(act(conv(act(x)))), 3x3, same channels; the second conv starts at zero (identity block)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def _res_stack(channels: int, blocks: int) -> list[nn.Module]:
+    return [ResidualBlock(channels) for _ in range(blocks)]
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def _dense_stack(inputs: int, hidden: int, layers: int, activation: str) -> list[nn.Module]:
+    stack = []
+    for i in range(layers):
+        stack += [nn.Linear(inputs if i == 0 else hidden, hidden), ACTIVATIONS[activation]()]
+    return stack
 
 
 class BatchNorm2d(nn.BatchNorm2d):

@@ -12,7 +12,7 @@ from pathlib import Path
 TASKS = ("train", "evaluate", "summarize")
 DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
 BINARIZE = ("none", "static", "dynamic")
-RECONSTRUCTIONS = ("bce", "mse")
+RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian")
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)
 RETURN_METRICS = ("test_loss", "test_neg_elbo")

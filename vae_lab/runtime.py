@@ -22,14 +22,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build(node):
-    """hydra.utils.instantiate, except that our own errors come out as themselves.
+def build(node, **kwargs):
+    """hydra.utils.instantiate(node, **kwargs), except that our own errors come out as themselves.
 
     Hydra wraps whatever a `_target_` raises; a VaeLabError's message is meant for the
     user as it is.
     """
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except InstantiationException as error:
         if isinstance(error.__cause__, VaeLabError):
             raise error.__cause__ from None
@@ -40,3 +40,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_vae(model_cfg, prior_cfg, loss_cfg, image_shape: tuple[int, ...]):
+    """(model, objective) from their config nodes, for images of `image_shape` (C, H, W).
+
+    The objective's likelihood becomes the model's, so its parameters (a learned
+    variance) train, checkpoint and evaluate with the model.
+    """
+    objective = build(loss_cfg)
+    image_shape = tuple(int(v) for v in image_shape)
+    prior = build(prior_cfg, latent_dim=model_cfg.latent_dim, image_shape=image_shape)
+    model = build(model_cfg, image_shape=image_shape, prior=prior, likelihood=objective.likelihood)
+    return model, objective

@@ -20,16 +20,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
-from vae_lab.checkpoint import MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, save_checkpoint, saved_config
+from vae_lab.checkpoint import (
+    MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, save_checkpoint, saved_config, untrusted_target,
+)
 from vae_lab.data import ImageData
-from vae_lab.engine import NonFiniteLossError, elbo_terms, run_epoch
+from vae_lab.engine import NonFiniteLossError, run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
-from vae_lab.runtime import build, resolve_device, seed_everything
+from vae_lab.objectives import Objective
+from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
 # What defines the experiment, and so comes from the checkpoint when resuming.
-EXPERIMENT_KEYS = ("model", "loss", "data", "optim", "scheduler", "seed")
+EXPERIMENT_KEYS = ("model", "prior", "loss", "data", "optim", "scheduler", "seed")
+TRAIN_EXPERIMENT_KEYS = ("alpha", "kl_warmup_epochs")  # train: settings that shape the objective
 
 
 class TrainingInterrupted(VaeLabError):
@@ -48,6 +52,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     """
     device = resolve_device(cfg.device)
     _refuse_used_run_dir(run_dir)
+    _refuse_untrusted(cfg)
     resumed = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
     if resumed is not None:
         cfg = _config_for_resume(cfg, resumed)
@@ -58,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         )
 
     seed_everything(cfg.seed)
-    data, model, loss_fn, optimizer, scheduler, step_options = build_training(cfg, device)
+    data, model, objective, optimizer, scheduler, step = build_training(cfg, device)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     if resumed is not None:
@@ -76,7 +81,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     checkpoints = run_dir / "checkpoints"
     logger = build(cfg.logger)(run_dir)
     logger.start(history)
-    progress_inputs = _progress_inputs(data.test_images, model.latent_dim, cfg, device)
+    progress_images = data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row]
     saved_epoch = start_epoch
 
     def state(epoch: int) -> dict:
@@ -95,7 +100,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     try:
         with _sigterm_as_interrupt():
             for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-                row = _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle, step_options)
+                objective.kl_scale = kl_warmup(epoch, cfg.train.kl_warmup_epochs)
+                row = _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle)
                 history.append(row)
                 logger.log_epoch(row)
                 save_checkpoint(state(epoch), checkpoints / "last.pt")
@@ -103,7 +109,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                     save_checkpoint(state(epoch), checkpoints / f"model_{epoch}.pt")
                 if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
-                    _progress_images(model, progress_inputs, run_dir / "progress", epoch, cfg, logger)
+                    _progress_images(model, progress_images, run_dir / "progress", epoch, cfg, logger)
             plots.loss_curves(history, run_dir / "progress" / "loss_curves.png")
     except NonFiniteLossError as error:
         raise VaeLabError(
@@ -137,39 +143,69 @@ class Training(NamedTuple):
 
     data: ImageData
     model: torch.nn.Module
-    loss_fn: object
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: object
-    step_options: dict  # run_epoch's amp and terms_fn
+    step: object  # the objective as the engine calls it: itself, or under autocast / compiled
 
 
 def build_training(cfg: DictConfig, device: torch.device) -> Training:
-    """Data on the device, model, loss, optimizer, scheduler and step options, as cfg says.
+    """Data on the device, model, objective, optimizer, scheduler and the step, as cfg says.
 
     The train task and benchmarks/speed.py both build through here, so the benchmark
     times exactly what `python run.py` runs.
     """
-    data = build(cfg.data).to(device)
-    model = build(cfg.model).to(device)
+    data = build(cfg.data)
+    if not isinstance(data, ImageData):
+        raise ConfigError(f"data._target_={cfg.data._target_} returned {type(data).__name__}, not vae_lab.data.ImageData")
+    data = data.to(device)
+    model, objective = build_vae(cfg.model, cfg.prior, cfg.loss, data.image_shape)
+    model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         data = data.to(device, memory_format=torch.channels_last)
     optimizer = build(cfg.optim)(model.parameters())
-    return Training(
-        data, model, build(cfg.loss), optimizer, build(cfg.scheduler)(optimizer),
-        {"amp": cfg.train.amp, "terms_fn": _compiled(elbo_terms, cfg.train.compile)},
-    )
+    step = accelerated(objective, device, amp=cfg.train.amp, compile=cfg.train.compile)
+    return Training(data, model, objective, optimizer, build(cfg.scheduler)(optimizer), step)
 
 
-def _run_one_epoch(epoch, cfg, model, loss_fn, optimizer, scheduler, data, shuffle, step_options: dict) -> dict:
+def kl_warmup(epoch: int, warmup_epochs: int) -> float:
+    """The KL weight's factor in `epoch` (1-based): 0 in the first epoch, rising linearly to 1
+    after `warmup_epochs` epochs (train.kl_warmup_epochs; 0 = always 1)."""
+    return 1.0 if warmup_epochs <= 0 else min(1.0, (epoch - 1) / warmup_epochs)
+
+
+class _AcceleratedStep:
+    """An objective under bfloat16 autocast and/or torch.compile, called as the objective is."""
+
+    def __init__(self, objective: Objective, device: torch.device, amp: bool, compile: bool | str):
+        self.objective = objective
+        call = objective.__call__
+        if amp:
+            call = torch.autocast(device.type, dtype=torch.bfloat16)(call)
+        self._call = _compiled(call, compile)
+
+    def noise_shape(self, latent_dim: int) -> tuple[int, ...]:
+        return self.objective.noise_shape(latent_dim)
+
+    def __call__(self, model, x, noise=None):
+        return self._call(model, x, noise)
+
+
+def accelerated(objective: Objective, device: torch.device, *, amp: bool, compile: bool | str):
+    """The objective itself, or wrapped for train.amp / train.compile."""
+    return _AcceleratedStep(objective, device, amp, compile) if amp or compile is not False else objective
+
+
+def _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle) -> dict:
     started = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     trained = run_epoch(
-        model, loss_fn, data.train_images, cfg.train.batch_size, optimizer=optimizer, generator=shuffle,
-        dynamic_binarization=data.dynamic_binarization, description=f"epoch {epoch}/{cfg.train.epochs}", **step_options,
+        model, step, data.train_images, cfg.train.batch_size, optimizer=optimizer, generator=shuffle,
+        dynamic_binarization=data.dynamic_binarization, description=f"epoch {epoch}/{cfg.train.epochs}",
     )
     train_seconds = time.perf_counter() - started
-    tested = run_epoch(model, loss_fn, data.test_images, cfg.evaluate.batch_size, description="test", **step_options)
+    tested = run_epoch(model, step, data.test_images, cfg.evaluate.batch_size, description="test")
     scheduler.step()
     seconds = time.perf_counter() - started
     log.info(
@@ -199,13 +235,20 @@ def _refuse_used_run_dir(run_dir: Path) -> None:
         )
 
 
+def _refuse_untrusted(cfg: DictConfig) -> None:
+    """The command line may build only what its checkpoints could be rebuilt from (checkpoint.untrusted_target)."""
+    problem = untrusted_target(OmegaConf.to_container(cfg, resolve=True), tuple(cfg.trusted_modules))
+    if problem:
+        raise ConfigError(f"refusing to train: {problem}.")
+
+
 def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
     """The experiment as the checkpoint recorded it, with this run's train settings and data location."""
-    saved = saved_config(resumed, cfg.train.resume)
+    saved = saved_config(resumed, cfg.train.resume, tuple(cfg.trusted_modules))
     cfg = copy.deepcopy(cfg)
     ignored = [key for key in EXPERIMENT_KEYS if _plain(cfg[key], MACHINE_DATA_KEYS) != _plain(saved[key], MACHINE_DATA_KEYS)]
-    if cfg.train.alpha != saved.train.alpha:
-        ignored.append("train.alpha")
+    defaults = {"kl_warmup_epochs": 0}  # checkpoints from before warm-up existed
+    ignored += [f"train.{key}" for key in TRAIN_EXPERIMENT_KEYS if cfg.train[key] != saved.train.get(key, defaults.get(key))]
     if ignored:
         log.warning("train.resume: %s come from the checkpoint; the values given now are ignored", ", ".join(ignored))
     with open_dict(cfg):
@@ -214,7 +257,8 @@ def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
             cfg[key] = saved[key]
         cfg.data = data
         cfg.data.fallback = False  # resuming never switches data sets: missing data stops the run
-        cfg.train.alpha = saved.train.alpha
+        for key in TRAIN_EXPERIMENT_KEYS:
+            cfg.train[key] = saved.train.get(key, defaults.get(key))
     return cfg
 
 
@@ -249,26 +293,23 @@ def _where_to_resume(checkpoints: Path, saved_epoch: int, epochs: int) -> str:
     return f"{last} holds epoch {saved_epoch}; continue with: python run.py task=train train.resume={last} train.epochs={epochs}"
 
 
-def _progress_inputs(test_images: torch.Tensor, latent_dim: int, cfg: DictConfig, device) -> dict:
-    """The same test images and the same z for every progress figure, so epochs compare."""
-    count = cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return {"images": test_images[:count], "z": torch.randn(count, latent_dim, generator=generator).to(device)}
+PROGRESS_SAMPLE_SEED = 0  # every progress figure decodes the same prior draw, so epochs compare
 
 
 @torch.no_grad()
-def _progress_images(model, inputs: dict, folder: Path, epoch: int, cfg: DictConfig, logger) -> None:
+def _progress_images(model, images: torch.Tensor, folder: Path, epoch: int, cfg: DictConfig, logger) -> None:
     model.eval()
-    per_row = min(cfg.evaluate.images_per_row, len(inputs["images"]))  # a test split smaller than a row
-    mu, _ = model.encode(inputs["images"])
-    reconstruction = plots.reconstruction_grid(
-        inputs["images"], model.decode(mu), folder / f"reconstruction_{epoch:04d}.png",
-        per_row=per_row, title=f"Reconstructions after epoch {epoch} (odd rows: originals, even rows: reconstructions)",
-    )
-    samples = plots.image_grid(model.decode(inputs["z"]), folder / f"samples_{epoch:04d}.png", nrow=per_row,
-                               title=f"Samples from z ~ N(0, I) after epoch {epoch}")
+    per_row = min(cfg.evaluate.images_per_row, len(images))  # a test split smaller than a row
+    with model.prior.frozen(model.posterior):
+        reconstruction = plots.reconstruction_grid(
+            images, model.reconstruct(images), folder / f"reconstruction_{epoch:04d}.png", per_row=per_row,
+            title=f"Reconstructions after epoch {epoch} (odd rows: originals, even rows: reconstructions)",
+        )
+        samples = model.sample(len(images), generator=torch.Generator().manual_seed(PROGRESS_SAMPLE_SEED))
+    grid = plots.image_grid(samples, folder / f"samples_{epoch:04d}.png", nrow=per_row,
+                            title=f"Samples from the prior after epoch {epoch}")
     logger.log_images("reconstruction", reconstruction, epoch)
-    logger.log_images("samples", samples, epoch)
+    logger.log_images("samples", grid, epoch)
 
 
 @contextmanager

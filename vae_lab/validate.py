@@ -36,6 +36,9 @@ from vae_lab.options import (
 
 # Groups the dry build does not build: building the data reads the data set (the task does that once).
 NOT_DRY_BUILT = ("data",)
+# Built together, as the task builds them (vae_lab.runtime.build_vae: the prior gets the model's
+# latent size, the model the prior and the objective's likelihood).
+VAE_GROUPS = ("model", "prior", "loss")
 # Training keeps weights, gradients and two Adam moments: about four float32 copies of the parameters.
 TRAINING_BYTES_PER_PARAMETER = 16
 
@@ -51,6 +54,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     _check(cfg, "seed", lambda v: _is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
            f"a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+    for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
+        _check(cfg, key, _is_positive_int, "a whole number >= 1")
+    for key in ("train.kl_warmup_epochs", "model.blocks"):
+        _check(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
+    _check(cfg, "loss.free_bits", lambda v: _is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
+    _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
+           "a list of module names, e.g. [my_lab.models]")
     _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
@@ -116,8 +126,9 @@ def _bind_target(node: DictConfig, where: str) -> None:
         return  # a builtin without a signature: the dry build still calls it
     arguments = {key: node[key] for key in node if not str(key).startswith("_")}
     try:
-        # A partial node gets its first arguments later (the optimizer its parameters, ...).
-        (signature.bind_partial if node.get("_partial_", False) else signature.bind)(**arguments)
+        # Only unknown names here: some arguments come from the pipeline (the optimizer's parameters,
+        # the prior's latent size); a missing one fails the dry build, which supplies them.
+        signature.bind_partial(**arguments)
     except TypeError as error:
         raise ConfigError(f"{where}: {target} does not accept these settings ({error}); see its config file under conf/{where}/") from None
     hints = _type_hints(function)
@@ -192,57 +203,71 @@ def dry_build(cfg: DictConfig) -> None:
     import torch  # only here: the checks above answer without waiting for torch
     from hydra.utils import instantiate
 
+    from vae_lab.runtime import build_vae
+
+    groups = [g for g in cfg if isinstance(cfg[g], DictConfig) and "_target_" in cfg[g] and g not in NOT_DRY_BUILT]
     built = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
-        for group in cfg:
-            node = cfg[group]
-            if group in NOT_DRY_BUILT or not (isinstance(node, DictConfig) and "_target_" in node):
-                continue
-            if group == "model":
-                _refuse_absurd_size(node, cfg.device, instantiate, torch)
-            built[group] = _attempt(group, node, lambda n=node: instantiate(n))
-        model = built.get("model")
+        model = objective = None
+        if all(group in groups for group in VAE_GROUPS):
+            def build_model():
+                return build_vae(cfg.model, cfg.prior, cfg.loss, IMAGE_SHAPE)
+
+            _refuse_absurd_size(cfg, build_model, torch)
+            model, objective = _attempt(cfg, "model", build_model)
+            _attempt(cfg, "model", lambda: _probe(model, objective, torch))
+        for group in groups:
+            if group not in VAE_GROUPS:
+                built[group] = _attempt(cfg, group, lambda node=cfg[group]: instantiate(node))
         if isinstance(model, torch.nn.Module):
-            _attempt("model", cfg.model, lambda: _probe(model, torch))
             optimizer = built.get("optim")
             if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-                optimizer = _attempt("optim", cfg.optim, lambda: built["optim"](model.parameters()))
+                optimizer = _attempt(cfg, "optim", lambda: built["optim"](model.parameters()))
             if isinstance(optimizer, torch.optim.Optimizer) and callable(built.get("scheduler")):
-                _attempt("scheduler", cfg.scheduler, lambda: _step_scheduler(built["scheduler"], optimizer))
+                _attempt(cfg, "scheduler", lambda: _step_scheduler(built["scheduler"], optimizer))
 
 
-def _attempt(group: str, node: DictConfig, action: Callable):
-    """Run `action`; whatever it raises becomes one line naming the group and torch's message."""
+def _attempt(cfg: DictConfig, group: str, action: Callable):
+    """Run `action`; whatever it raises becomes one line naming the group and torch's message.
+
+    Hydra names the node it was building (`full_key: prior`), which names the group
+    when several are built together.
+    """
+    from hydra.errors import InstantiationException
+
     try:
         return action()
     except VaeLabError:
         raise
     except Exception as error:
-        from hydra.errors import InstantiationException
-
-        cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ is not None else error
+        cause = error
+        if isinstance(error, InstantiationException):
+            group = next((line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")), group)
+            cause = error.__cause__ if error.__cause__ is not None else error
         text = " ".join(str(cause).split()) or type(cause).__name__
-        settings = ", ".join(f"{key}={node[key]}" for key in node if not str(key).startswith("_"))
-        raise ConfigError(f"{group} ({node.get('_target_')}) refuses these settings: {text}. Fix {group}: {settings}") from None
+        node = OmegaConf.select(cfg, group) if OmegaConf.select(cfg, group) is not None else cfg.get(group.split(".")[0])
+        settings = ", ".join(f"{key}={node[key]}" for key in node if not str(key).startswith("_")) if isinstance(node, DictConfig) else ""
+        raise ConfigError(f"{group} ({node.get('_target_') if isinstance(node, DictConfig) else '?'}) refuses these settings: "
+                          f"{text}. Fix {group}: {settings}") from None
 
 
-def _refuse_absurd_size(node: DictConfig, device: str, instantiate, torch) -> None:
+def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
     """Count the model's parameters on the meta device (nothing allocated) against the machine's memory."""
     try:
         with torch.device("meta"):
-            model = instantiate(node)
+            model, _ = build_model()
         count = sum(p.numel() for p in model.parameters())
     except Exception:
-        return  # a model that cannot be built on meta: the CPU build below reports real errors
-    needed, available, where = count * TRAINING_BYTES_PER_PARAMETER, _memory_bytes(device, torch), "memory"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        where = "GPU memory"
+        return  # a model that cannot be built on meta: the CPU build reports real errors
+    device = cfg.device
+    needed, available = count * TRAINING_BYTES_PER_PARAMETER, _memory_bytes(device, torch)
+    where = "GPU memory" if device.startswith("cuda") and torch.cuda.is_available() else "memory"
     if needed > available:
         raise ConfigError(
-            f"model ({node.get('_target_')}) with these settings has {count:,} parameters, which need about "
+            f"model ({cfg.model.get('_target_')}) with these settings has {count:,} parameters, which need about "
             f"{needed / 2**30:,.0f} GiB to train; this machine has {available / 2**30:,.0f} GiB of {where}. "
-            "Use smaller model.* sizes."
+            "Use smaller model.* (or prior.*) sizes."
         )
 
 
@@ -253,11 +278,11 @@ def _memory_bytes(device: str, torch) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _probe(model, torch) -> None:
-    """Two images through the encoder and decoder, on the CPU: a model whose sizes do not fit fails here."""
+def _probe(model, objective, torch) -> None:
+    """Two images through the objective (encoder, prior, decoder, likelihood) on the CPU."""
+    model.eval()  # as evaluation runs it: nothing here is a training step
     with torch.no_grad():
-        mu, _ = model.encode(torch.zeros(2, *IMAGE_SHAPE))
-        model.decode(mu)
+        objective(model, torch.rand(2, *IMAGE_SHAPE))
 
 
 def _step_scheduler(make_scheduler, optimizer) -> None:
