@@ -260,7 +260,7 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
         count = sum(p.numel() for p in model.parameters())
     except Exception:
         return  # a model that cannot be built on meta: the CPU build reports real errors
-    device = cfg.device
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
     needed, available = count * TRAINING_BYTES_PER_PARAMETER, _memory_bytes(device, torch)
     where = "GPU memory" if device.startswith("cuda") and torch.cuda.is_available() else "memory"
     if needed > available:
