@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 import torch
@@ -117,6 +118,11 @@ def label_out_of_range(path):
     path.write_bytes(bytes(data))
 
 
+def replace_by_fifo(path):
+    path.unlink()
+    os.mkfifo(path)  # reading it would block forever
+
+
 # (what is damaged, which file, how, what the message says)
 DAMAGE = [
     ("truncated", "t10k-images-idx3-ubyte", truncate, "it has 5,000 bytes but its header promises 25,104 (32 x 28 x 28 images): the file is truncated"),
@@ -133,7 +139,9 @@ def test_small_idx_files_load_as_the_data_set(tmp_path):
     assert data.train_images.shape == (48, 1, 28, 28) and data.test_labels.tolist() == [i % 10 for i in range(32)]
 
 
-@pytest.mark.parametrize("what, name, damage, message", DAMAGE, ids=[d[0] for d in DAMAGE])
+@pytest.mark.parametrize("what, name, damage, message", DAMAGE + [
+    ("a FIFO", "train-images-idx3-ubyte", replace_by_fifo, "it is not a regular file"),
+], ids=[d[0] for d in DAMAGE] + ["a FIFO"])
 def test_a_damaged_idx_file_is_named_and_never_replaced_by_the_sample(tmp_path, what, name, damage, message):
     raw = write_idx_files(tmp_path)
     damage(raw / name)

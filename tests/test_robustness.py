@@ -95,6 +95,8 @@ CATALOGUE = [
     ("used run directory named in quotes", ['hydra.run.dir="RUN"'], 2, f"hydra.run.dir=RUN already holds files ({RUN_FILES})"),
     ("evaluate into a training run, by interpolation", ["task=evaluate", "evaluate.checkpoint=RUN", "hydra.run.dir=ROOT/${hydra:job.name}/../run"], 2,
      f"hydra.run.dir=RUN already holds files ({RUN_FILES}); refusing to write over them"),
+    ("used sweep directory named with an interpolation", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=ROOT/${hydra:job.name}/../sweep"], 2,
+     "hydra.sweep.dir=SWEEP already holds files (notes.md); refusing to write over them"),
     ("sweep with a constant subdir", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=CASE", "hydra.sweep.subdir=same"], 2,
      "hydra.sweep.subdir=same gives every job the same folder (CASE/same), so each job would write over the previous one"),
     # 7. damaged data is named, never replaced; a resumed run never switches data sets
@@ -139,6 +141,8 @@ CATALOGUE = [
      "model (vae_lab.model.ConvVAE) with these settings has 194,000,093,377 parameters, which need about 2,891 GiB to train"),
     ("absurd hidden size", ["model=mlp_vae", "model.hidden_dim=100000000"], 2,
      "model (vae_lab.model.MLPVAE) with these settings has 163,000,000,824 parameters"),
+    ("absurd figure size", ["task=evaluate", "evaluate.checkpoint=RUN", "evaluate.generation_samples=1000000000"], 2,
+     "evaluate.generation_samples=1000000000 is not allowed: use a whole number from 1 to 10,000"),
     # 9. small data: the figures adapt or are skipped with a note; the run finishes
     ("test split smaller than a grid row", ["data.limit=15", "train.evaluate_at_end=true"], 0, None),
     ("images_per_row larger than the test split", ["data.limit=20", "evaluate.images_per_row=64", "train.evaluate_at_end=true"], 0, None),
@@ -164,6 +168,7 @@ END_TO_END = {
     "unknown key (Hydra)", "unknown group option (Hydra)", "sweep into a used sweep directory", "run directory already used",
     "evaluate into a used run directory", "run directory under a file", "used run directory named with an interpolation",
     "used run directory named in quotes", "evaluate into a training run, by interpolation", "sweep with a constant subdir",
+    "used sweep directory named with an interpolation",
     "batch size 0", "missing checkpoint", "negative weight decay", "truncated IDX file",
 }
 

@@ -41,6 +41,7 @@ NOT_DRY_BUILT = ("data",)
 VAE_GROUPS = ("model", "prior", "loss")
 # Training keeps weights, gradients and two Adam moments: about four float32 copies of the parameters.
 TRAINING_BYTES_PER_PARAMETER = 16
+MAX_FIGURE_IMAGES = 10_000
 
 
 def validate(cfg: DictConfig) -> None:
@@ -50,6 +51,9 @@ def validate(cfg: DictConfig) -> None:
                 "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
                 "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
+    for key in ("evaluate.generation_samples", "evaluate.reconstruction_rows", "evaluate.images_per_row"):
+        # Each of these is drawn in one figure, at once: a huge number is unreadable and may not fit in memory.
+        _check(cfg, key, lambda v: v <= MAX_FIGURE_IMAGES, f"a whole number from 1 to {MAX_FIGURE_IMAGES:,}")
     _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     _check(cfg, "seed", lambda v: _is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
