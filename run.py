@@ -2,7 +2,7 @@
 
 Every setting is a Hydra override; see conf/config.yaml and README.md.
 """
-from vae_lab.cli import main
+from vae_lab.entry import main
 
 if __name__ == "__main__":
     main()

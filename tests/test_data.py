@@ -1,10 +1,11 @@
 import logging
+import os
 
 import pytest
 import torch
 
 from conftest import DATA_ROOT, needs_full_data
-from vae_lab.data import DataNotFoundError, index_batches, load_dataset
+from vae_lab.data import DataCorruptError, DataNotFoundError, index_batches, load_dataset
 
 
 def test_bundled_sample_is_a_fixed_stratified_4000_1000_split():
@@ -74,3 +75,84 @@ def test_index_batches_are_reproducible_from_the_generator_state():
     first = torch.cat(list(index_batches(100, 32, generator=generator)))
     generator.set_state(state)
     assert torch.equal(first, torch.cat(list(index_batches(100, 32, generator=generator))))
+
+
+# --- IDX files: only absent files may fall back; damaged ones are named --------------------------
+
+IDX_NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def write_idx_files(root, train: int = 48, test: int = 32, folder: str = "MNIST"):
+    """A small, valid MNIST-layout data set under root/<folder>/raw: random images, labels 0..9 in turn."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("test", test)):
+        images, labels = IDX_NAMES[split]
+        pixels = torch.randint(0, 256, (count, 28, 28), dtype=torch.uint8, generator=generator)
+        header = (0x803).to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in (count, 28, 28))
+        (raw / images).write_bytes(header + pixels.numpy().tobytes())
+        (raw / labels).write_bytes((0x801).to_bytes(4, "big") + count.to_bytes(4, "big") + bytes(i % 10 for i in range(count)))
+    return raw
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:5000])
+
+
+def set_magic(path):
+    data = bytearray(path.read_bytes())
+    data[3] = 0x09
+    path.write_bytes(bytes(data))
+
+
+def drop_labels(path, keep: int = 30):
+    data = bytearray(path.read_bytes())
+    data[4:8] = keep.to_bytes(4, "big")
+    path.write_bytes(bytes(data[: 8 + keep]))
+
+
+def label_out_of_range(path):
+    data = bytearray(path.read_bytes())
+    data[12] = 12
+    path.write_bytes(bytes(data))
+
+
+def replace_by_fifo(path):
+    path.unlink()
+    os.mkfifo(path)  # reading it would block forever
+
+
+# (what is damaged, which file, how, what the message says)
+DAMAGE = [
+    ("truncated", "t10k-images-idx3-ubyte", truncate, "it has 5,000 bytes but its header promises 25,104 (32 x 28 x 28 images): the file is truncated"),
+    ("wrong magic", "t10k-images-idx3-ubyte", set_magic, "its magic number is 0x00000809, not 0x00000803 (an IDX file of images)"),
+    ("count mismatch", "t10k-labels-idx1-ubyte", drop_labels, "it holds 30 labels but t10k-images-idx3-ubyte holds 32 images"),
+    ("label out of range", "train-labels-idx1-ubyte", label_out_of_range, "it holds the label 12; labels must be 0..9"),
+]
+
+
+def test_small_idx_files_load_as_the_data_set(tmp_path):
+    write_idx_files(tmp_path)
+    data = load_dataset("mnist", root=tmp_path, download=False, fallback=False)
+    assert data.name == "mnist" and not data.fallback
+    assert data.train_images.shape == (48, 1, 28, 28) and data.test_labels.tolist() == [i % 10 for i in range(32)]
+
+
+@pytest.mark.parametrize("what, name, damage, message", DAMAGE + [
+    ("a FIFO", "train-images-idx3-ubyte", replace_by_fifo, "it is not a regular file"),
+], ids=[d[0] for d in DAMAGE] + ["a FIFO"])
+def test_a_damaged_idx_file_is_named_and_never_replaced_by_the_sample(tmp_path, what, name, damage, message):
+    raw = write_idx_files(tmp_path)
+    damage(raw / name)
+    with pytest.raises(DataCorruptError) as error:
+        load_dataset("mnist", root=tmp_path, download=False, fallback=True)  # fallback allowed: still an error
+    assert str(error.value).startswith(f"cannot use {raw / name}: {message}")
+
+
+def test_an_absent_idx_file_may_fall_back_and_is_named(tmp_path, caplog):
+    raw = write_idx_files(tmp_path)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset("mnist", root=tmp_path, download=False, fallback=True)
+    assert data.fallback and "(t10k-labels-idx1-ubyte absent)" in caplog.text

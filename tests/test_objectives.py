@@ -1,12 +1,8 @@
 """The probabilistic core checked against closed forms: likelihoods, priors, objectives, IW bound."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.distributions import (Categorical, ContinuousBernoulli as TorchCB, Independent, MixtureSameFamily,
-                                 MultivariateNormal, Normal, kl_divergence)
+from torch.distributions import Categorical, Independent, MixtureSameFamily, MultivariateNormal, Normal, kl_divergence
 
 from vae_lab.likelihoods import Bernoulli, ContinuousBernoulli, Gaussian, Likelihood, SquaredError, make_likelihood
 from vae_lab.metrics import importance_weighted_nll

@@ -1,8 +1,11 @@
 """Bad input, interrupted runs and untrusted files, through the real CLI where a user meets them."""
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import json
+import logging
 import os
 import pickle
 import re
@@ -17,15 +20,20 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, compose_config
+from test_data import DAMAGE, write_idx_files
 from vae_lab.checkpoint import load_checkpoint, save_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.errors import CheckpointError, VaeLabError
+from vae_lab.rundir import LOCK_FILE
 
-HYDRA_RECORD = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.log"}
+RUN_FILES = "checkpoints, metrics.csv, progress, results"  # what the RUN fixture holds beyond its log
+HYDRA_RECORD = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.log", LOCK_FILE}
 TRAINING_STARTED = {"diverging training (NaN)": {"metrics.csv"}}  # may write what the run had begun
 CUDA_MESSAGE = "device=cuda:7 but this machine has"
+TORCH_CONV_MESSAGE = "model (vae_lab.model.ConvVAE) refuses these settings: "  # then torch's own words
 
-# (id, overrides, exit status, message). Upper-case words are files made by the `files` fixture.
+# (id, overrides, exit status, message). Upper-case words are files made by the `files` fixture;
+# CASE is the case's own fresh folder. Status 0: the run must finish; the message (if any) is its note.
 CATALOGUE = [
     ("batch size 0", ["train.batch_size=0"], 2, "train.batch_size=0 is not allowed: use a whole number >= 1"),
     ("batch size -5", ["train.batch_size=-5"], 2, "train.batch_size=-5 is not allowed: use a whole number >= 1"),
@@ -61,7 +69,7 @@ CATALOGUE = [
     ("text file as checkpoint", ["task=evaluate", "evaluate.checkpoint=TEXT"], 2,
      "cannot read TEXT: the file is truncated, corrupted or not a PyTorch file"),
     ("sweep into a used sweep directory", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=SWEEP"], 2,
-     "hydra.sweep.dir=SWEEP already holds files; refusing to write over them"),
+     "hydra.sweep.dir=SWEEP already holds files (notes.md); refusing to write over them"),
     ("foreign PyTorch file", ["task=evaluate", "evaluate.checkpoint=FOREIGN"], 2, "FOREIGN is a PyTorch file but not a vae_lab checkpoint"),
     ("other architecture than its config", ["task=evaluate", "evaluate.checkpoint=ALTERED"], 2,
      "the weights in ALTERED do not fit the model its own config describes"),
@@ -71,16 +79,98 @@ CATALOGUE = [
      "refused EVILCONFIG: its config builds something vae_lab does not trust: model is built by 'os.system'"),
     ("resume from a missing file", ["train.resume=MISSING"], 2, "no checkpoint at MISSING: the file does not exist"),
     ("no data and no fallback", ["data=mnist", "data.root=EMPTY", "data.download=false", "data.fallback=false"], 2,
-     "mnist not found under EMPTY/MNIST/raw and data.download=false"),
-    ("run directory already used", ["hydra.run.dir=RUN"], 2, "hydra.run.dir=RUN already holds files; refusing to write over them"),
+     "mnist not found under EMPTY/MNIST/raw"),
+    ("run directory already used", ["hydra.run.dir=RUN"], 2, f"hydra.run.dir=RUN already holds files ({RUN_FILES}); refusing to write over them"),
     ("evaluate into a used run directory", ["task=evaluate", "evaluate.checkpoint=RUN", "hydra.run.dir=RUN"], 2,
-     "hydra.run.dir=RUN already holds files; refusing to write over them"),
+     f"hydra.run.dir=RUN already holds files ({RUN_FILES}); refusing to write over them"),
     ("run directory under a file", ["hydra.run.dir=TEXT/run"], 2, "hydra.run.dir=TEXT/run: cannot create it (TEXT is a file)"),
     ("summarize a folder without jobs", ["task=summarize", "summarize.sweep_dir=EMPTY"], 2,
      "summarize.sweep_dir=EMPTY holds no Hydra jobs"),
     ("diverging training (NaN)", ["optim.lr=1e6", "train.epochs=2"], 2,
      "training diverged: the loss is nan at step 2 of epoch 1. No checkpoint was written. Lower optim.lr"),
+    # --- Hardening II ---------------------------------------------------------------------------
+    # 2. the run directory Hydra resolves, not the argument as typed
+    ("used run directory named with an interpolation", ["hydra.run.dir=ROOT/${hydra:job.name}/../run"], 2,
+     f"hydra.run.dir=RUN already holds files ({RUN_FILES}); refusing to write over them"),
+    ("used run directory named in quotes", ['hydra.run.dir="RUN"'], 2, f"hydra.run.dir=RUN already holds files ({RUN_FILES})"),
+    ("evaluate into a training run, by interpolation", ["task=evaluate", "evaluate.checkpoint=RUN", "hydra.run.dir=ROOT/${hydra:job.name}/../run"], 2,
+     f"hydra.run.dir=RUN already holds files ({RUN_FILES}); refusing to write over them"),
+    ("used sweep directory named with an interpolation", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=ROOT/${hydra:job.name}/../sweep"], 2,
+     "hydra.sweep.dir=SWEEP already holds files (notes.md); refusing to write over them"),
+    ("sweep with a constant subdir", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=CASE", "hydra.sweep.subdir=same"], 2,
+     "hydra.sweep.subdir=same gives every job the same folder (CASE/same), so each job would write over the previous one"),
+    # 7. damaged data is named, never replaced; a resumed run never switches data sets
+    ("truncated IDX file", ["data=mnist", "data.root=IDX_TRUNCATED", "data.download=false"], 2,
+     "cannot use IDX_TRUNCATED/MNIST/raw/t10k-images-idx3-ubyte: it has 5,000 bytes but its header promises 25,104"),
+    ("IDX file with a wrong magic number", ["data=mnist", "data.root=IDX_MAGIC", "data.download=false"], 2,
+     "cannot use IDX_MAGIC/MNIST/raw/t10k-images-idx3-ubyte: its magic number is 0x00000809, not 0x00000803"),
+    ("IDX image and label counts differ", ["data=mnist", "data.root=IDX_COUNT", "data.download=false"], 2,
+     "cannot use IDX_COUNT/MNIST/raw/t10k-labels-idx1-ubyte: it holds 30 labels but t10k-images-idx3-ubyte holds 32 images"),
+    ("IDX label out of range", ["data=mnist", "data.root=IDX_LABEL", "data.download=false"], 2,
+     "cannot use IDX_LABEL/MNIST/raw/train-labels-idx1-ubyte: it holds the label 12; labels must be 0..9"),
+    ("resume without the checkpoint's data", ["train.resume=IDXRUN", "data=mnist", "data.root=EMPTY", "data.download=false", "train.epochs=3"], 2,
+     "mnist not found under EMPTY/MNIST/raw"),
+    # 8. every constructor argument, by one mechanism: signatures, then a dry build
+    ("seed -1", ["seed=-1"], 2, "seed=-1 is not allowed: use a whole number from 0 to 4294967295"),
+    ("negative weight decay", ["optim.weight_decay=-0.1"], 2,
+     "optim (torch.optim.Adam) refuses these settings: Invalid weight_decay value: -0.1. Fix optim: lr=0.001, weight_decay=-0.1"),
+    ("Adam betas outside [0, 1)", ["+optim.betas=[0.9,1.5]"], 2,
+     "optim (torch.optim.Adam) refuses these settings: Invalid beta parameter at index 1: 1.5"),
+    ("negative SGD momentum", ["optim=sgd", "optim.momentum=-1"], 2, "optim (torch.optim.SGD) refuses these settings: Invalid momentum value: -1"),
+    ("step_size 0", ["scheduler.step_size=0"], 2,
+     "scheduler (torch.optim.lr_scheduler.StepLR) refuses these settings: integer modulo by zero. Fix scheduler: step_size=0, gamma=0.1"),
+    ("T_max 0", ["scheduler=cosine", "scheduler.T_max=0"], 2,
+     "scheduler (torch.optim.lr_scheduler.CosineAnnealingLR) refuses these settings: integer modulo by zero. Fix scheduler: T_max=0"),
+    ("base_channels 0", ["model.base_channels=0"], 2, TORCH_CONV_MESSAGE),
+    ("unknown argument of a model", ["+model.depth=3"], 2,
+     "model: vae_lab.model.ConvVAE does not accept these settings (got an unexpected keyword argument 'depth')"),
+    ("a new group's bad argument", ["+sampler._target_=torch.nn.Linear", "+sampler.in_features=4", "+sampler.out_features=-2"], 2,
+     "sampler (torch.nn.Linear) refuses these settings: Trying to create tensor with negative dimension -2"),
+    ("a new group's unknown argument", ["+sampler._target_=torch.nn.Linear", "+sampler.in_features=4", "+sampler.out_features=2", "+sampler.scale=1"], 2,
+     "sampler: torch.nn.Linear does not accept these settings (got an unexpected keyword argument 'scale')"),
+    ("unknown target", ["model._target_=vae_lab.model.Transformer"], 2,
+     "model._target_='vae_lab.model.Transformer' cannot be imported (module 'vae_lab.model' has no attribute 'Transformer')"),
+    ("unknown compile backend", ["train.compile=turbo"], 2, "train.compile='turbo' is not a torch.compile backend here: use true, false or one of"),
+    ("number as the checkpoint path", ["task=evaluate", "evaluate.checkpoint=123"], 2,
+     "evaluate.checkpoint=123 is not allowed: use a path or null (quote a name that looks like a number: 'evaluate.checkpoint=\"123\"')"),
+    ("number as the resume path", ["train.resume=5"], 2, "train.resume=5 is not allowed: use a path or null"),
+    ("number as the data root", ["data.root=7"], 2, "data.root=7 is not allowed: use a path"),
+    ("number as the device", ["device=5"], 2, "device=5 is not allowed: use auto, cpu, cuda, cuda:N or mps"),
+    ("amp not a boolean", ["train.amp=3"], 2, "train.amp=3 is not allowed: use true or false"),
+    ("absurd latent size", ["model.latent_dim=1000000000"], 2,
+     "model (vae_lab.model.ConvVAE) with these settings has 194,000,093,377 parameters, which need about 2,891 GiB to train"),
+    ("absurd hidden size", ["model=mlp_vae", "model.hidden_dim=100000000"], 2,
+     "model (vae_lab.model.MLPVAE) with these settings has 163,000,000,824 parameters"),
+    ("absurd figure size", ["task=evaluate", "evaluate.checkpoint=RUN", "evaluate.generation_samples=1000000000"], 2,
+     "evaluate.generation_samples=1000000000 is not allowed: use a whole number from 1 to 10,000"),
+    # 9. small data: the figures adapt or are skipped with a note; the run finishes
+    ("test split smaller than a grid row", ["data.limit=15", "train.evaluate_at_end=true"], 0, None),
+    ("images_per_row larger than the test split", ["data.limit=20", "evaluate.images_per_row=64", "train.evaluate_at_end=true"], 0, None),
+    ("one embedding point", ["data.limit=20", "evaluate.embedding_points=1", "train.evaluate_at_end=true"], 0,
+     "latent_embedding.png not drawn: reducing the 16-D latent means to 2 dimensions needs more than 2 test images, and there are 1"),
+    ("t-SNE on fewer points than its perplexity", ["data.limit=20", "evaluate.embedding=tsne", "evaluate.embedding_points=10",
+                                                   "train.evaluate_at_end=true"], 0, None),
+    ("a single test image", ["data.limit=1", "train.evaluate_at_end=true"], 0,
+     "latent_traversal.png not drawn: interpolating needs at least 2 test images, and there is 1"),
+    # 11. summarize: every readable job is summarised, the bad one named, exit status 1
+    ("summarize: truncated job.json", ["task=summarize", "summarize.sweep_dir=SWEEP_TRUNCATED"], 1,
+     "1 of 2 jobs could not be read; the summary lists the other jobs in full: job 1: job.json cannot be read (Unterminated string"),
+    ("summarize: job.json that is a list", ["task=summarize", "summarize.sweep_dir=SWEEP_LIST"], 1,
+     "job 1: job.json holds a list, not a JSON object"),
+    ("summarize: unreadable metrics.json", ["task=summarize", "summarize.sweep_dir=SWEEP_BINARY"], 1,
+     "job 1: results/metrics.json cannot be read ('utf-8' codec can't decode byte 0xff"),
+    ("summarize: half-written last row", ["task=summarize", "summarize.sweep_dir=SWEEP_HALFROW"], 1,
+     "job 1: metrics.csv line 3 is incomplete or damaged (half-written?)"),
 ]
+# Through run.py as a subprocess: what Hydra decides (composition, directories, sweeps), and a few
+# validation cases end to end. Everything else runs in this process through run_task, as the CLI calls it.
+END_TO_END = {
+    "unknown key (Hydra)", "unknown group option (Hydra)", "sweep into a used sweep directory", "run directory already used",
+    "evaluate into a used run directory", "run directory under a file", "used run directory named with an interpolation",
+    "used run directory named in quotes", "evaluate into a training run, by interpolation", "sweep with a constant subdir",
+    "used sweep directory named with an interpolation",
+    "batch size 0", "missing checkpoint", "negative weight decay", "truncated IDX file",
+}
 
 
 class Payload:
@@ -97,6 +187,18 @@ def digest(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def make_job(sweep: Path, name: str, source: Path, job_json: str | None = None, metrics_json: bytes | None = None,
+             metrics_csv: str | None = None) -> None:
+    """A sweep job folder from a finished run's files, with any of them replaced."""
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / "results").mkdir()
+    (job / ".hydra" / "overrides.yaml").write_text(f"- train.alpha={name}\n")
+    (job / "job.json").write_text(job_json if job_json is not None else '{"status": "completed", "error": "", "seconds": 1.5}\n')
+    (job / "results" / "metrics.json").write_bytes(metrics_json if metrics_json is not None else (source / "results" / "metrics.json").read_bytes())
+    (job / "metrics.csv").write_text(metrics_csv if metrics_csv is not None else (source / "metrics.csv").read_text())
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A trained tiny run, and every kind of bad file a user could point at."""
@@ -104,13 +206,13 @@ def files(tmp_path_factory):
     run = root / "run"
     run_task(compose_config("train.evaluate_at_end=true", "data.limit=64", "train.epochs=1"), run)
     good = run / "checkpoints" / "last.pt"
-    files = {"RUN": run, "EMPTY": root / "empty", "MISSING": root / "missing.pt", "TEXT": root / "notes.txt",
+    files = {"RUN": run, "ROOT": root, "EMPTY": root / "empty", "MISSING": root / "missing.pt", "TEXT": root / "notes.txt",
              "TRUNCATED": root / "truncated.pt", "FOREIGN": root / "foreign.pt", "ALTERED": root / "altered.pt",
              "MALICIOUS": root / "malicious.pt", "EVILCONFIG": root / "evilconfig.pt", "MARKER": root / "payload-ran"}
     files["EMPTY"].mkdir()
     files["SWEEP"] = root / "sweep"
     files["SWEEP"].mkdir()
-    (files["SWEEP"] / "multirun.yaml").write_text("hydra: {}\n")
+    (files["SWEEP"] / "notes.md").write_text("a sweep's notes\n")
     files["TEXT"].write_text("not a checkpoint\n")
     files["TRUNCATED"].write_bytes(good.read_bytes()[:5000])
     torch.save({"weights": torch.zeros(3)}, files["FOREIGN"])
@@ -120,6 +222,22 @@ def files(tmp_path_factory):
     torch.save({"format": "vae_lab/1", "epoch": 1, "model": Payload(files["MARKER"]), "config": {}}, files["MALICIOUS"])
     evil = dict(state, config={**state["config"], "model": {"_target_": "os.system", "command": f"touch {files['MARKER']}"}})
     save_checkpoint(evil, files["EVILCONFIG"])
+    # Small IDX data sets: a good one (and a run trained on it), and one per kind of damage.
+    write_idx_files(root / "idx")
+    run_task(compose_config("data=mnist", f"data.root={root / 'idx'}", "data.download=false", "train.epochs=1"), root / "idxrun")
+    files["IDXRUN"] = root / "idxrun" / "checkpoints" / "last.pt"
+    for what, name, damage, _ in DAMAGE:
+        key = {"truncated": "IDX_TRUNCATED", "wrong magic": "IDX_MAGIC", "count mismatch": "IDX_COUNT", "label out of range": "IDX_LABEL"}[what]
+        files[key] = root / key.lower()
+        damage(write_idx_files(files[key]) / name)
+    # Sweeps with one good job and one damaged job each.
+    csv_rows = (run / "metrics.csv").read_text()
+    damaged_jobs = {"SWEEP_TRUNCATED": {"job_json": '{"status": "comp'}, "SWEEP_LIST": {"job_json": "[1, 2]\n"},
+                    "SWEEP_BINARY": {"metrics_json": b"\x00\xff\xfe"}, "SWEEP_HALFROW": {"metrics_csv": csv_rows + "2,0.001,60"}}
+    for key, damage in damaged_jobs.items():
+        files[key] = root / key.lower()
+        make_job(files[key], "0", run)
+        make_job(files[key], "1", run, **damage)
     return files
 
 
@@ -135,43 +253,100 @@ def substitute(text: str, files: dict) -> str:
     return text
 
 
+class Notes(logging.Handler):
+    """Collects what vae_lab logs at WARNING and above, as a user reads it on the console."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def run_in_process(overrides: list[str], run_dir: Path) -> tuple[int, str]:
+    """The CLI's path without the process: compose, run_task; a VaeLabError is the one line the user reads."""
+    notes = Notes()
+    logging.getLogger("vae_lab").addHandler(notes)
+    try:
+        run_task(compose_config(*overrides), run_dir)
+        status, message = 0, ""
+    except VaeLabError as error:
+        status, message = getattr(error, "exit_code", 2), str(error)
+    finally:
+        logging.getLogger("vae_lab").removeHandler(notes)
+    return status, "\n".join([message, *notes.lines])
+
+
+def run_end_to_end(overrides: list[str], run_dir: Path) -> tuple[int, str]:
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        overrides = [*overrides, f"hydra.run.dir={run_dir}"]
+    flags = [o for o in overrides if o == "-m"]  # Hydra's flags go before the overrides
+    overrides = [o for o in overrides if o != "-m"]
+    result = subprocess.run([sys.executable, "run.py", *flags, *TINY, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stdout + result.stderr
+
+
 @pytest.fixture(scope="module")
 def catalogue_results(files, tmp_path_factory):
-    """Run the whole catalogue at once, four processes at a time; the run is shared by all cases."""
+    """Run the whole catalogue: in-process cases one after another, run.py cases four processes at a time."""
     runs = tmp_path_factory.mktemp("cases")
     before = digest(files["RUN"])
 
-    def run(case):
+    def case_files(name):
+        return {**files, "CASE": runs / (folder_name(name) + "_own")}
+
+    def run(case, runner):
         name, overrides, _, _ = case
-        overrides = [substitute(o, files) for o in overrides]
-        if not any(o.startswith("hydra.run.dir=") for o in overrides):
-            overrides.append(f"hydra.run.dir={runs / folder_name(name)}")
-        result = subprocess.run([sys.executable, "run.py", *TINY, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
-        return name, result
+        return name, runner([substitute(o, case_files(name)) for o in overrides], runs / folder_name(name))
 
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = dict(pool.map(run, CATALOGUE))
-    return results, runs, before
+        end_to_end = pool.map(lambda case: run(case, run_end_to_end), [c for c in CATALOGUE if c[0] in END_TO_END])
+        results = dict(run(case, run_in_process) for case in CATALOGUE if case[0] not in END_TO_END)
+        results.update(end_to_end)
+    return results, runs, before, case_files
+
+
+def test_the_catalogue_runs_a_few_cases_end_to_end():
+    assert END_TO_END <= {name for name, *_ in CATALOGUE}
+    assert 10 <= len(END_TO_END) <= len(CATALOGUE) // 3
 
 
 @pytest.mark.parametrize("name, overrides, status, message", CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_bad_input_ends_in_one_clear_message(catalogue_results, files, name, overrides, status, message):
-    results, runs, _ = catalogue_results
-    result = results[name]
-    output = result.stdout + result.stderr
-    assert result.returncode == status, output[-2000:]
-    assert substitute(message, files) in output
+def test_bad_input_ends_in_one_clear_message(catalogue_results, name, overrides, status, message):
+    results, runs, _, case_files = catalogue_results
+    returncode, output = results[name]
+    assert returncode == status, output[-2000:]
+    if message is not None:
+        assert substitute(message, case_files(name)) in output
     assert "Traceback" not in output
     run_dir = runs / folder_name(name)
-    if run_dir.exists():  # nothing beyond Hydra's own record of the config
+    if status == 0:  # the run finished: its figures adapted to the small data, or were skipped with the note
+        report = json.loads((run_dir / "results" / "metrics.json").read_text())
+        assert report["test_images"] >= 1 and (run_dir / "results" / "reconstruction.png").is_file()
+    elif run_dir.exists():  # nothing beyond Hydra's own record of the config
         written = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
         assert written <= HYDRA_RECORD | TRAINING_STARTED.get(name, set()), written
 
 
 def test_the_catalogue_overwrote_nothing_and_ran_no_payload(catalogue_results, files):
-    _, _, before = catalogue_results
+    _, _, before, _ = catalogue_results
     assert digest(files["RUN"]) == before
     assert not files["MARKER"].exists()
+
+
+def test_a_sweep_with_a_constant_subdir_wrote_no_job(catalogue_results):
+    _, _, _, case_files = catalogue_results
+    assert not case_files("sweep with a constant subdir")["CASE"].exists()
+
+
+def test_summarize_writes_every_readable_job_and_names_the_damaged_one(catalogue_results, files):
+    for key in ("SWEEP_TRUNCATED", "SWEEP_LIST", "SWEEP_BINARY", "SWEEP_HALFROW"):
+        with (files[key] / "summary.csv").open() as file:
+            rows = list(csv.DictReader(file))
+        assert [row["status"] for row in rows] == ["completed", "unreadable"], key
+        assert float(rows[0]["neg_elbo"]) == json.loads((files["RUN"] / "results" / "metrics.json").read_text())["neg_elbo"]
+        assert rows[1]["error"] and rows[1]["error"] in (files[key] / "summary.md").read_text()
 
 
 def test_a_malicious_checkpoint_is_refused_without_running_its_payload(files, tmp_path):
@@ -281,3 +456,113 @@ def test_sigkill_at_any_moment_leaves_a_loadable_last_checkpoint(tmp_path, delay
     assert state["epoch"] >= 1
     for periodic in (run_dir / "checkpoints").glob("model_*.pt"):
         assert load_checkpoint(periodic)["epoch"] == int(periodic.stem.split("_")[1])
+
+
+# --- 3 and 12: one process per run directory; a refused start does not block its retry ------------
+
+
+def test_a_second_process_is_refused_naming_the_first_and_a_killed_holder_frees_the_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from vae_lab.rundir import claim; "
+                               "lock = claim(Path(sys.argv[1]), 'hydra.run.dir'); print('locked', flush=True); time.sleep(300)", str(run_dir)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "run.py", *TINY, f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        output = second.stdout + second.stderr
+        assert f"hydra.run.dir={run_dir} is in use by another vae_lab process (pid {holder.pid})" in output
+        assert "Traceback" not in output and not (run_dir / ".hydra").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs, the lock file stays behind
+        holder.wait()
+    assert (run_dir / LOCK_FILE).is_file()
+    third = subprocess.run([sys.executable, "run.py", *TINY, "train.epochs=1", "data.limit=32", f"hydra.run.dir={run_dir}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_refused_command_does_not_block_its_corrected_retry(tmp_path):
+    run_dir = tmp_path / "run"
+    refused = subprocess.run([sys.executable, "run.py", *TINY, "train.batch_size=0", f"hydra.run.dir={run_dir}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and (run_dir / ".hydra" / "overrides.yaml").is_file()
+    retried = subprocess.run([sys.executable, "run.py", *TINY, "train.epochs=1", "data.limit=32", f"hydra.run.dir={run_dir}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert retried.returncode == 0, retried.stderr[-2000:]
+    assert "train.batch_size=0" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the record is the retry's
+    assert (run_dir / "metrics.csv").is_file()
+
+
+# --- 6. signals outside the training loop: one message, no staging folder, 128 + signal ------------
+
+
+def wait_for_staging(run_dir: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Until the hidden results folder that evaluation writes into appears."""
+    deadline = time.monotonic() + timeout
+    while not list(run_dir.glob(".results-*")):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "evaluation never started writing its figures"
+        time.sleep(0.005)
+
+
+def assert_interrupted(process: subprocess.Popen, number: int, run_dir: Path) -> str:
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + number, output[-2000:]
+    assert "Traceback" not in output
+    assert f"interrupted by {signal.Signals(number).name}" in output
+    assert not list(run_dir.glob(".results-*")) and not (run_dir / "results").exists()
+    return output
+
+
+SLOW_FIGURES = ["evaluate.embedding=tsne", "data.limit=256", "evaluate.embedding_points=256"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_evaluation_leaves_no_staging_folder(files, tmp_path):
+    run_dir = tmp_path / "evaluation"
+    process = subprocess.Popen([sys.executable, "run.py", *TINY, "task=evaluate", f"evaluate.checkpoint={files['RUN']}", *SLOW_FIGURES,
+                                f"hydra.run.dir={run_dir}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_staging(run_dir, process)
+    process.send_signal(signal.SIGINT)
+    output = assert_interrupted(process, signal.SIGINT, run_dir)
+    assert "before task=evaluate finished" in output
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_end_of_run_evaluation_keeps_the_training_and_says_how_to_evaluate(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir, "train.epochs=1", "train.evaluate_at_end=true", *SLOW_FIGURES)
+    wait_for_staging(run_dir, process)
+    process.send_signal(signal.SIGTERM)
+    output = assert_interrupted(process, signal.SIGTERM, run_dir)
+    assert f"Training had finished; evaluate it with: python run.py task=evaluate evaluate.checkpoint={run_dir}" in output
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has installed its own SIGTERM handler (Linux: SigCgt in /proc/<pid>/status)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc to see when the command's own code runs")
+def test_ctrl_c_during_startup_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_training(run_dir)
+    # vae_lab's first line installs its SIGTERM handler; from then on (imports of Hydra and torch,
+    # composing the config) an interrupt is one line. Before it, Python itself is still starting.
+    deadline = time.monotonic() + 60
+    while not catches_sigterm(process.pid):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, output[-2000:]
+    assert "interrupted by SIGINT" in output and "Traceback" not in output
+    assert not (run_dir / "checkpoints").exists()

@@ -10,8 +10,8 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,30 +173,39 @@ def hydra_main(cfg: DictConfig):
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return _sweep_job(cfg, run_dir)
+        return _sweep_job(cfg, run_dir, Path(hydra_cfg.sweep.dir))
     try:
         return run_task(cfg, run_dir).value
     except VaeLabError as error:
         log.error("%s", error)
         sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
+    except KeyboardInterrupt as interrupt:
+        number = signal_number(interrupt)
+        log.error("%s", _interrupted_message(number, cfg.task, run_dir))
+        sys.exit(128 + number)
 
 
-def _sweep_job(cfg: DictConfig, run_dir: Path) -> float:
+def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
     """One job of a sweep: a failure is logged and recorded in job.json, and the sweep goes on.
 
     Returning (NaN) instead of raising keeps every launcher and sweeper running the
     other jobs; the summary callback reports the failure and sets the exit status.
+    Ctrl-C or SIGTERM stops the whole sweep: this job is recorded as interrupted, the
+    summary of what finished is written, and the process exits with 128 + the signal.
     """
     started = time.perf_counter()
     status = {"status": "completed", "error": ""}
-    value = math.nan
+    value, interrupted = math.nan, None
     try:
         value = run_task(cfg, run_dir).value
+    except KeyboardInterrupt as interrupt:
+        interrupted = signal_number(interrupt)
+        status = {"status": "interrupted", "error": _interrupted_message(interrupted, cfg.task, run_dir)}
     except VaeLabError as error:
         log.error("%s", error)
-        # A signal (Ctrl-C, or SIGTERM from `scancel` or a pre-empting scheduler) exits above 128.
-        stopped = getattr(error, "exit_code", USER_ERROR_EXIT) > 128
-        status = {"status": "interrupted" if stopped else "failed", "error": str(error)}
+        status = {"status": "failed", "error": str(error)}
+        if getattr(error, "exit_code", 0) > 128:  # training stopped by a signal, its checkpoint saved
+            interrupted, status["status"] = error.exit_code - 128, "interrupted"
     except Exception as error:  # a bug: keep its traceback in run.log, and the sweep going
         log.exception("job failed")
         status = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -204,6 +213,8 @@ def _sweep_job(cfg: DictConfig, run_dir: Path) -> float:
         status["seconds"] = round(time.perf_counter() - started, 3)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "job.json").write_text(json.dumps(status, indent=2) + "\n")
+    if interrupted is not None:
+        _stop_sweep(sweep_dir, run_dir, interrupted)
     return value
 
 
@@ -212,6 +223,47 @@ def _missing_config_dir() -> str | None:
         return None
     return (f"error: no configs at {CONFIG_DIR}: this vae_lab install is incomplete. "
             "Reinstall it (pip install .) or run from a checkout that has conf/.")
+
+
+def _stop_sweep(sweep_dir: Path, run_dir: Path, number: int) -> None:
+    """Write the summary of the jobs so far and exit; the launcher starts no further job."""
+    from vae_lab.sweep import write_summary
+
+    rows, _ = write_summary(sweep_dir)
+    done = sum(row["status"] == "completed" for row in rows)
+    log.error(
+        "sweep interrupted by %s in job %s: %d job(s) completed; the summary of what finished is in %s. "
+        "Later jobs were not started.", signal.Signals(number).name, run_dir.name, done, sweep_dir / "summary.md",
+    )
+    sys.exit(128 + number)
+
+
+def signal_number(interrupt: KeyboardInterrupt) -> int:
+    """SIGTERM arrives as KeyboardInterrupt(15) (see interrupts_as_keyboard_interrupt); Ctrl-C as SIGINT."""
+    number = interrupt.args[0] if interrupt.args else signal.SIGINT
+    return int(number) if isinstance(number, int) else int(signal.SIGINT)
+
+
+def _interrupted_message(number: int, task: str, run_dir: Path) -> str:
+    message = (f"interrupted by {signal.Signals(number).name} before task={task} finished. Every file written is "
+               "complete: checkpoints are renamed into place, results/ is complete or absent.")
+    if task == "train" and (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "results").exists():
+        message += f" Training had finished; evaluate it with: python run.py task=evaluate evaluate.checkpoint={run_dir}"
+    return message
+
+
+@contextmanager
+def interrupts_as_keyboard_interrupt():
+    """SIGTERM raises KeyboardInterrupt(15) for the duration, so it unwinds like Ctrl-C: clean-ups run."""
+
+    def interrupt(number, _frame):
+        raise KeyboardInterrupt(number)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _missing_plugin(arguments: list[str]) -> str | None:
@@ -245,38 +297,20 @@ def _optuna_storage_problem(arguments: list[str]) -> str | None:
     return None
 
 
-def _output_dir_problem(arguments: list[str]) -> str | None:
-    """Why an explicitly named run or sweep directory must not be used, checked before Hydra writes to it.
-
-    Hydra writes its .hydra record into the directory before any task runs, so a
-    directory that already holds a run would lose that record; one that cannot be
-    created would end in a traceback. (The default directories carry the time to the
-    microsecond, so they are always new.)
-    """
-    for argument in arguments:
-        key, _, value = argument.partition("=")
-        if key.lstrip("+") not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
-            continue
-        target = Path(value).expanduser().absolute()
-        if target.is_dir() and any(target.iterdir()):
-            return f"error: {key}={value} already holds files; refusing to write over them. Choose a new or empty folder."
-        existing = target
-        while not existing.exists():
-            existing = existing.parent
-        try:
-            if not existing.is_dir():
-                raise NotADirectoryError(f"{existing} is a file")
-            Path(tempfile.mkdtemp(dir=existing)).rmdir()  # can we create something there?
-        except OSError as error:
-            return f"error: {key}={value}: cannot create it ({getattr(error, 'strerror', None) or error}). Choose a writable folder."
-    return None
-
-
 def main() -> None:
-    """`python run.py` / `vae-lab` / `python -m vae_lab`: refuse early what Hydra would report badly, then run Hydra."""
-    message = (_missing_config_dir() or _missing_plugin(sys.argv[1:]) or _optuna_storage_problem(sys.argv[1:])
-               or _output_dir_problem(sys.argv[1:]))
+    """`python run.py` / `vae-lab` / `python -m vae_lab`: refuse early what Hydra would report badly, then run Hydra.
+
+    Run and sweep directories are checked by vae_lab.rundir's callback, on the directory Hydra resolves.
+    """
+    message = _missing_config_dir() or _missing_plugin(sys.argv[1:]) or _optuna_storage_problem(sys.argv[1:])
     if message:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
-    hydra_main()
+    # Run and sweep directories are checked where Hydra resolves them: vae_lab.rundir.RunDirectoryGuard.
+    with interrupts_as_keyboard_interrupt():
+        try:
+            hydra_main()
+        except KeyboardInterrupt as interrupt:  # before or after a task: while Hydra starts or composes
+            number = signal_number(interrupt)
+            print(f"interrupted by {signal.Signals(number).name}; nothing was written over.", file=sys.stderr)
+            sys.exit(128 + number)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -128,26 +129,93 @@ def load_dataset(
 
 
 def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:
+    """Both splits from the IDX files under root/<Class>/raw, each file checked before it is used.
+
+    Absent files are downloaded (download=true) or reported as not found, which the
+    caller may answer with the bundled sample; a file that is present but damaged is
+    always an error: substituting other data for it would hide the damage.
+    """
     from torchvision.datasets import MNIST, FashionMNIST
 
     dataset_class = {"mnist": MNIST, "fashion_mnist": FashionMNIST}[name]
     folder = root.absolute() / dataset_class.__name__ / "raw"
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"data.root={root} is a file; it must be the folder that holds {dataset_class.__name__}/raw")
-    splits = []
-    for train in (True, False):
+    if _absent(folder) and download:
         try:
-            dataset = dataset_class(str(root), train=train, download=download)
-        except RuntimeError as error:  # torchvision: files missing and download off or failed
-            how = "the download failed (no network?)" if download else "data.download=false"
-            raise DataNotFoundError(
-                f"{name} not found under {folder} and {how}. Put the original IDX files there "
-                f"(train-images-idx3-ubyte, ...) or set data.root / $VAE_LAB_DATA to the folder holding "
-                f"{dataset_class.__name__}/raw."
-            ) from error
+            dataset_class(str(root), train=True, download=True)  # fetches all four files
+        except RuntimeError:
+            pass  # no network: reported below as not found
+    absent = _absent(folder)
+    if absent:
+        how = "the download failed (no network?)" if download else "data.download=false"
+        raise DataNotFoundError(
+            f"{name} not found under {folder} ({', '.join(absent)} absent) and {how}. Put the original IDX files there "
+            f"(train-images-idx3-ubyte, ...) or set data.root / $VAE_LAB_DATA to the folder holding "
+            f"{dataset_class.__name__}/raw."
+        )
+    splits = []
+    for images_name, labels_name in IDX_FILES:
+        images = _read_idx(folder / images_name, IMAGES_MAGIC)
+        labels = _read_idx(folder / labels_name, LABELS_MAGIC)
+        _check_split(folder / images_name, images, folder / labels_name, labels, len(CLASS_NAMES[name]))
         # (N, 28, 28) uint8 -> (N, 1, 28, 28) float in [0, 1]
-        splits += [dataset.data.unsqueeze(1).float().div_(255), dataset.targets.long()]
+        splits += [images.unsqueeze(1).float().div_(255), labels.long()]
     return tuple(splits)
+
+
+# The four IDX files of MNIST and Fashion-MNIST, (images, labels) per split, train first.
+IDX_FILES = (("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+IMAGES_MAGIC = 0x00000803  # IDX: unsigned bytes, 3 dimensions (count, rows, columns)
+LABELS_MAGIC = 0x00000801  # IDX: unsigned bytes, 1 dimension (count)
+IMAGE_SIZE = (28, 28)
+
+
+class DataCorruptError(VaeLabError):
+    """A data file that is present but damaged: wrong size, wrong format, inconsistent or out of range."""
+
+
+def _absent(folder: Path) -> list[str]:
+    return [name for pair in IDX_FILES for name in pair if not (folder / name).exists()]
+
+
+def _read_idx(path: Path, magic: int) -> torch.Tensor:
+    """An IDX file whose header and size are checked first, then read by torchvision's reader."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    kind = "images" if magic == IMAGES_MAGIC else "labels"
+    if not path.is_file():
+        raise _corrupt(path, "it is not a regular file")
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        header = file.read(4 + 4 * (magic & 0xFF))
+    if len(header) < 4 + 4 * (magic & 0xFF):
+        raise _corrupt(path, f"it has {size} bytes, too few for the header of an IDX file (truncated?)")
+    found = int.from_bytes(header[:4], "big")
+    if found != magic:
+        raise _corrupt(path, f"its magic number is 0x{found:08x}, not 0x{magic:08x} (an IDX file of {kind}); it is not an MNIST {kind} file")
+    shape = [int.from_bytes(header[i:i + 4], "big") for i in range(4, len(header), 4)]
+    expected = len(header) + math.prod(shape)
+    if size != expected:
+        raise _corrupt(path, f"it has {size:,} bytes but its header promises {expected:,} ({' x '.join(map(str, shape))} {kind}): "
+                             "the file is truncated or has extra bytes")
+    return (read_image_file if kind == "images" else read_label_file)(str(path))
+
+
+def _check_split(images_path: Path, images: torch.Tensor, labels_path: Path, labels: torch.Tensor, classes: int) -> None:
+    if tuple(images.shape[1:]) != IMAGE_SIZE:
+        raise _corrupt(images_path, f"its images are {images.shape[1]} x {images.shape[2]} pixels, not 28 x 28")
+    if len(images) != len(labels):
+        raise _corrupt(labels_path, f"it holds {len(labels):,} labels but {images_path.name} holds {len(images):,} images")
+    if len(labels) and int(labels.max()) >= classes:
+        raise _corrupt(labels_path, f"it holds the label {int(labels.max())}; labels must be 0..{classes - 1}")
+
+
+def _corrupt(path: Path, what: str) -> DataCorruptError:
+    return DataCorruptError(
+        f"cannot use {path}: {what}. Replace it with the original file, or remove the damaged files "
+        "(with data.download=true they are fetched again)."
+    )
 
 
 def _bundled_sample() -> tuple[torch.Tensor, ...]:

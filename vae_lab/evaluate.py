@@ -141,8 +141,8 @@ class _staging:
 @torch.no_grad()
 def _figures(model, data, mu: torch.Tensor, kl_dims: np.ndarray, active: np.ndarray, ev: DictConfig, folder: Path, seed: int) -> None:
     images, labels = data.test_images, data.test_labels
-    per_row = ev.images_per_row
-    count = min(ev.reconstruction_rows * per_row, len(images) // per_row * per_row)
+    per_row = min(ev.images_per_row, len(images))  # a small test split: fewer, shorter rows
+    count = min(ev.reconstruction_rows, len(images) // per_row) * per_row
     plots.reconstruction_grid(
         images[:count], model.mean(model.decode(mu[:count])), folder / "reconstruction.png", per_row=per_row,
         title="Reconstruction: odd rows test images, even rows their reconstructions",
@@ -167,6 +167,11 @@ def _embedding(mu: torch.Tensor, labels: torch.Tensor, class_names, ev: DictConf
     points = mu[: ev.embedding_points].cpu().numpy()
     labels = labels[: ev.embedding_points].cpu().numpy()
     dims = points.shape[1]
+    if dims > ev.n_components and len(points) <= ev.n_components:
+        log.warning("%s not drawn: reducing the %d-D latent means to %d dimensions needs more than %d test images, "
+                    "and there are %d (raise evaluate.embedding_points or data.limit)",
+                    path.name, dims, ev.n_components, ev.n_components, len(points))
+        return
     if dims <= ev.n_components:
         how, axis = f"the {dims}-D latent means", "z"
     elif ev.embedding == "pca":
@@ -177,8 +182,10 @@ def _embedding(mu: torch.Tensor, labels: torch.Tensor, class_names, ev: DictConf
     else:
         from sklearn.manifold import TSNE
 
-        points = TSNE(n_components=ev.n_components, random_state=seed, init="pca").fit_transform(points)
-        how, axis = f"t-SNE of the {dims}-D latent means", "t-SNE"
+        # t-SNE needs fewer neighbours (perplexity, 30 by default) than points: lower it on small sets.
+        perplexity = min(30.0, len(points) - 1.0)
+        points = TSNE(n_components=ev.n_components, perplexity=perplexity, random_state=seed, init="pca").fit_transform(points)
+        how, axis = f"t-SNE of the {dims}-D latent means" + (f" (perplexity {perplexity:g})" if perplexity < 30 else ""), "t-SNE"
     if points.shape[1] == 1:  # a 1-D latent: spread the classes along the second axis
         points = np.column_stack([points[:, 0], labels + np.random.default_rng(seed).uniform(-0.3, 0.3, len(labels))])
     plots.latent_embedding(points, labels, path, title=f"Latent embedding: {how}, {len(points)} test images",
@@ -202,6 +209,9 @@ def _traversal(model, mu: torch.Tensor, labels: torch.Tensor, path: Path, seed: 
         plots.image_grid(model.mean(model.decode(z.to(device))), path, nrow=TRAVERSAL_STEPS, title=title)
         return
     starts, ends = _interpolation_pairs(labels.cpu(), INTERPOLATION_PAIRS)
+    if not starts:
+        log.warning("%s not drawn: interpolating needs at least 2 test images, and there is %d", path.name, len(labels))
+        return
     weights = torch.linspace(0, 1, TRAVERSAL_STEPS, device=device).view(1, -1, 1)  # (1, steps, 1)
     z = mu[starts].unsqueeze(1) * (1 - weights) + mu[ends].unsqueeze(1) * weights  # (pairs, steps, D)
     plots.image_grid(model.mean(model.decode(z.flatten(0, 1))), path, nrow=TRAVERSAL_STEPS,

@@ -1,8 +1,13 @@
-"""The allowed values of the settings that take a name: one place, importable without torch.
+"""The allowed values of the settings that take a name, and the types of the task settings:
+one place, importable without torch.
 
 The modules that act on a setting import its choices from here, and so does the
 config validation, which runs before torch is even imported.
 """
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 TASKS = ("train", "evaluate", "summarize")
 DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
@@ -11,3 +16,50 @@ RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian")
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)
 RETURN_METRICS = ("test_loss", "test_neg_elbo")
+SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's seeding accept
+IMAGE_SHAPE = (1, 28, 28)  # what the models are probed with before a run
+
+
+# The plain (non-_target_) nodes, typed like a constructor's arguments, so that the one
+# signature check in validate.py covers them too. Keys not listed here are not type-checked.
+@dataclass
+class TrainSettings:
+    batch_size: int
+    epochs: int
+    alpha: float
+    checkpoint_every: int
+    plot_every: int
+    resume: Path | None
+    evaluate_at_end: bool
+    return_metric: str
+    amp: bool
+    compile: bool | str
+    channels_last: bool
+
+
+@dataclass
+class EvaluateSettings:
+    checkpoint: Path | None
+    batch_size: int
+    n_components: int
+    embedding: str
+    iw_samples: int
+    reconstruction_rows: int
+    images_per_row: int
+    generation_samples: int
+    embedding_points: int
+
+
+@dataclass
+class SummarizeSettings:
+    sweep_dir: Path | None
+
+
+@dataclass
+class RunSettings:
+    task: str
+    seed: int
+    device: str
+
+
+SETTINGS = {"train": TrainSettings, "evaluate": EvaluateSettings, "summarize": SummarizeSettings}

@@ -18,7 +18,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vae_lab.errors import ConfigError
+from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.outcome import TaskOutcome, summary_outcome
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,33 @@ class SweepSummary(Callback):
 
 
 def summarize(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
-    """The task: rebuild the summary of cfg.summarize.sweep_dir; its value is the best main metric."""
+    """The task: rebuild the summary of cfg.summarize.sweep_dir; its value is the best main metric.
+
+    A job whose files cannot be read is listed with what is wrong, the others are
+    summarised, and the task then fails (exit status 1) so the damage is not missed.
+    """
     sweep_dir = cfg.summarize.sweep_dir
     if not sweep_dir:
         raise ConfigError("summarize.sweep_dir is not set: pass summarize.sweep_dir=multirun/<date>/<time>")
     rows, swept = write_summary(Path(sweep_dir))
     log.info("summary of %d jobs written to %s\n%s", len(rows), Path(sweep_dir) / "summary.md", markdown_table(rows, swept))
+    damaged = [row for row in rows if row["status"] == UNREADABLE]
+    if damaged:
+        raise SweepDamaged(
+            f"{len(damaged)} of {len(rows)} jobs could not be read; the summary lists the other jobs in full: "
+            + "; ".join(f"job {row['job']}: {row['error']}" for row in damaged)
+        )
     values = [row[MAIN_METRIC] for row in rows if isinstance(row[MAIN_METRIC], float)]
     return summary_outcome(Path(sweep_dir), min(values) if values else math.nan, rows, MAIN_METRIC)
+
+
+class SweepDamaged(VaeLabError):
+    """Some jobs' files are unreadable (truncated, not what vae_lab writes); the summary holds the rest."""
+
+    exit_code = 1
+
+
+UNREADABLE = "unreadable"
 
 
 def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
@@ -68,7 +87,7 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     jobs = sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()), key=_job_order)
     if not jobs:
         raise ConfigError(f"summarize.sweep_dir={sweep_dir} holds no Hydra jobs (no */.hydra/overrides.yaml)")
-    rows = [job_row(job) for job in jobs]
+    rows = [_readable_job_row(job) for job in jobs]
     swept = swept_keys(rows)
     columns = ["job", "status", *swept, *METRICS, "epochs", "seconds", "error", "overrides"]
     with (sweep_dir / "summary.csv").open("w", newline="") as file:
@@ -80,11 +99,25 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     return rows, swept
 
 
+class JobFileError(Exception):
+    """One file of a job is not what vae_lab writes; the message names it and says how."""
+
+
+def _readable_job_row(job_dir: Path) -> dict:
+    """job_row, or a row that says what is wrong with the job's files."""
+    try:
+        return job_row(job_dir)
+    except JobFileError as error:
+        return {"job": job_dir.name, "overrides": "", "params": {}, "status": UNREADABLE, "error": str(error),
+                "seconds": "", "epochs": "", **{key: "" for key in METRICS}}
+
+
 def job_row(job_dir: Path) -> dict:
     """One job's overrides, status, final test metrics and wall time."""
-    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    row = {"job": job_dir.name, "overrides": " ".join(overrides), "params": dict(o.split("=", 1) for o in overrides if "=" in o)}
-    status = json.loads((job_dir / JOB_FILE).read_text()) if (job_dir / JOB_FILE).is_file() else {}
+    overrides = _read_structured(job_dir, ".hydra/overrides.yaml", yaml.safe_load, list, "a list of overrides") or []
+    row = {"job": job_dir.name, "overrides": " ".join(map(str, overrides)),
+           "params": dict(str(o).split("=", 1) for o in overrides if "=" in str(o))}
+    status = _read_structured(job_dir, JOB_FILE, json.loads, dict, "a JSON object") if (job_dir / JOB_FILE).is_file() else {}
     row["status"] = status.get("status", "not finished")
     row["error"] = status.get("error", "")
     row["seconds"] = status.get("seconds", "")
@@ -92,17 +125,33 @@ def job_row(job_dir: Path) -> dict:
     row["epochs"] = int(history[-1]["epoch"]) if history else 0
     results = job_dir / "results" / "metrics.json"
     if results.is_file():
-        report = json.loads(results.read_text())
+        report = _read_structured(job_dir, "results/metrics.json", json.loads, dict, "a JSON object")
         row.update({key: report.get(key, "") for key in METRICS})
     elif history:  # no evaluation: the last epoch's test pass
         last = history[-1]
-        recon, kl = float(last["test_recon"]), float(last["test_kl"])
-        row.update(neg_elbo=recon + kl, recon=recon, kl=kl, iw_nll="", active_units="", objective=float(last["test_loss"]))
+        recon, kl = last["test_recon"], last["test_kl"]
+        row.update(neg_elbo=recon + kl, recon=recon, kl=kl, iw_nll="", active_units="", objective=last["test_loss"])
     else:
         row.update({key: "" for key in METRICS})
     if row["status"] == "not finished" and history:
         row["status"] = f"not finished (epoch {row['epochs']})"
     return row
+
+
+def _read_structured(job_dir: Path, name: str, parse, kind: type, described: str):
+    """The parsed content of job_dir/name, which must be `kind`; JobFileError saying what is wrong otherwise."""
+    try:
+        value = parse((job_dir / name).read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        reason = getattr(error, "strerror", None) or _first_line(error)
+        raise JobFileError(f"{name} cannot be read ({reason}; truncated?)") from None
+    if value is not None and not isinstance(value, kind):
+        raise JobFileError(f"{name} holds a {type(value).__name__}, not {described}")
+    return value
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def swept_keys(rows: list[dict]) -> list[str]:
@@ -163,10 +212,22 @@ def _number(value):
 
 
 def _read_metrics(path: Path) -> list[dict]:
+    """metrics.csv's rows with the test metrics as numbers; JobFileError for a damaged row (a half-written last one)."""
     if not path.is_file():
         return []
-    with path.open() as file:
-        return list(csv.DictReader(file))
+    try:
+        with path.open(newline="") as file:
+            rows = list(csv.DictReader(file))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise JobFileError(f"metrics.csv cannot be read ({getattr(error, 'strerror', None) or error})") from None
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            row["epoch"] = int(row["epoch"])
+            for key in ("test_loss", "test_recon", "test_kl"):
+                row[key] = float(row[key])
+        except (KeyError, TypeError, ValueError):
+            raise JobFileError(f"metrics.csv line {number} is incomplete or damaged (half-written?)") from None
+    return rows
 
 
 def _job_order(path: Path):

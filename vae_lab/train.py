@@ -265,6 +265,7 @@ def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
         for key in EXPERIMENT_KEYS:
             cfg[key] = saved[key]
         cfg.data = data
+        cfg.data.fallback = False  # resuming never switches data sets: missing data stops the run
         for key in TRAIN_EXPERIMENT_KEYS:
             cfg.train[key] = saved.train.get(key, defaults.get(key))
     return cfg
@@ -306,7 +307,7 @@ PROGRESS_SAMPLE_SEED = 0  # every progress figure decodes the same prior draw, s
 @torch.no_grad()
 def _progress_images(model, images: torch.Tensor, folder: Path, epoch: int, cfg: DictConfig, logger) -> None:
     model.eval()
-    per_row = cfg.evaluate.images_per_row
+    per_row = min(cfg.evaluate.images_per_row, len(images))  # a test split smaller than a row
     with model.prior.frozen(model.posterior):
         reconstruction = plots.reconstruction_grid(
             images, model.reconstruct(images), folder / f"reconstruction_{epoch:04d}.png", per_row=per_row,

@@ -1,28 +1,64 @@
-"""Config checks that run before any work, each failing with one line: setting, value, what is allowed."""
+"""Config checks that run before any work, each failing with one line: setting, value, what is allowed.
+
+Three layers, cheapest first:
+1. named settings: ranges and choices (below, without torch);
+2. every node, by one mechanism: a `_target_` node's keys are bound to its target's
+   signature, the task nodes' keys to the dataclasses in options.py, and each value is
+   checked against the parameter's type annotation (unknown or missing arguments, a
+   number where a path is expected, ...);
+3. for training, a dry build of the cheap parts: every `_target_` group but the data,
+   the model counted on the meta device (absurd sizes are refused before allocation),
+   then built on the CPU and probed with two images, the optimizer on its parameters,
+   the scheduler on that optimizer, stepped twice. What torch's own constructors refuse
+   comes out as one line naming the group.
+Groups added later (priors, objectives, models) are covered by 2 and 3 without new code.
+"""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 import numbers
+import os
+import types
+import typing
+import warnings
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from vae_lab.errors import ConfigError
-from vae_lab.options import BINARIZE, DATASETS, EMBEDDINGS, N_COMPONENTS, RECONSTRUCTIONS, RETURN_METRICS, TASKS
+from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.options import (
+    BINARIZE, DATASETS, EMBEDDINGS, IMAGE_SHAPE, N_COMPONENTS, RECONSTRUCTIONS, RETURN_METRICS, SEED_RANGE, SETTINGS,
+    TASKS, RunSettings,
+)
+
+# Groups the dry build does not build: building the data reads the data set (the task does that once).
+NOT_DRY_BUILT = ("data",)
+# Built together, as the task builds them (vae_lab.runtime.build_vae: the prior gets the model's
+# latent size, the model the prior and the objective's likelihood).
+VAE_GROUPS = ("model", "prior", "loss")
+# Training keeps weights, gradients and two Adam moments: about four float32 copies of the parameters.
+TRAINING_BYTES_PER_PARAMETER = 16
+MAX_FIGURE_IMAGES = 10_000
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first setting of `cfg` whose value is not allowed."""
     _one_of(cfg, "task", TASKS)
-    _device(cfg.device)
     for key in ("train.batch_size", "train.epochs", "train.checkpoint_every", "train.plot_every", "model.latent_dim",
                 "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
                 "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
+    for key in ("evaluate.generation_samples", "evaluate.reconstruction_rows", "evaluate.images_per_row"):
+        # Each of these is drawn in one figure, at once: a huge number is unreadable and may not fit in memory.
+        _check(cfg, key, lambda v: v <= MAX_FIGURE_IMAGES, f"a whole number from 1 to {MAX_FIGURE_IMAGES:,}")
     _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     _check(cfg, "threads", lambda v: v is None or _is_positive_int(v), "null (torch's default) or a whole number >= 1")
-    _check(cfg, "seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
+    _check(cfg, "seed", lambda v: _is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
+           f"a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
     for key in ("train.kl_warmup_epochs", "model.blocks"):
@@ -32,9 +68,6 @@ def validate(cfg: DictConfig) -> None:
            "a list of module names, e.g. [my_lab.models]")
     _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
-    for key in ("train.amp", "train.channels_last", "train.evaluate_at_end"):
-        _check(cfg, key, lambda v: isinstance(v, bool), "true or false")
-    _check(cfg, "train.compile", lambda v: isinstance(v, (bool, str)), "false, true or a torch.compile backend name (e.g. aot_eager)")
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
     _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
     _one_of(cfg, "data.name", DATASETS)
@@ -44,6 +77,11 @@ def validate(cfg: DictConfig) -> None:
     root = OmegaConf.select(cfg, "data.root")
     if cfg.data.name != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
         raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")
+    _device(cfg.device)
+    _check_types(cfg)
+    if cfg.task == "train":
+        _compile_backend(OmegaConf.select(cfg, "train.compile"))
+        dry_build(cfg)
 
 
 def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], allowed: str) -> None:
@@ -58,8 +96,226 @@ def _one_of(cfg: DictConfig, key: str, allowed: tuple) -> None:
     _check(cfg, key, lambda v: v in allowed, "one of " + ", ".join(map(str, allowed)))
 
 
+# --- 2. every node against its signature --------------------------------------------------------
+
+
+def _check_types(cfg: DictConfig) -> None:
+    """Bind each node's keys to the signature that will receive them, and check each value's type."""
+    _bind_plain(cfg, "", RunSettings)
+    for name, schema in SETTINGS.items():
+        if isinstance(cfg.get(name), DictConfig):
+            _bind_plain(cfg[name], f"{name}.", schema)
+    for key in cfg:
+        node = cfg[key]
+        if isinstance(node, DictConfig) and "_target_" in node:
+            _bind_target(node, f"{key}")
+
+
+def _bind_plain(node: DictConfig, prefix: str, schema: type) -> None:
+    """The keys of a plain node that `schema` declares must have the declared types."""
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        if field.name in node:
+            _check_value(f"{prefix}{field.name}", OmegaConf.select(node, field.name), hints[field.name])
+
+
+def _bind_target(node: DictConfig, where: str) -> None:
+    """Unknown or missing constructor arguments, and values that do not fit their annotations."""
+    target = node["_target_"]
+    try:
+        function = _import_target(target)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ConfigError(f"{where}._target_={target!r} cannot be imported ({error}): check the module and name") from None
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: the dry build still calls it
+    arguments = {key: node[key] for key in node if not str(key).startswith("_")}
+    try:
+        # Only unknown names here: some arguments come from the pipeline (the optimizer's parameters,
+        # the prior's latent size); a missing one fails the dry build, which supplies them.
+        signature.bind_partial(**arguments)
+    except TypeError as error:
+        raise ConfigError(f"{where}: {target} does not accept these settings ({error}); see its config file under conf/{where}/") from None
+    hints = _type_hints(function)
+    for key in arguments:
+        value = node[key]
+        if isinstance(value, DictConfig) and "_target_" in value:
+            _bind_target(value, f"{where}.{key}")
+        elif key in hints:
+            _check_value(f"{where}.{key}", OmegaConf.select(node, key), hints[key])
+
+
+def _import_target(path: str):
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise ValueError("not a dotted module path")
+    module = importlib.import_module(module_name)
+    return getattr(module, name)
+
+
+def _type_hints(function) -> dict:
+    try:
+        return typing.get_type_hints(function.__init__ if inspect.isclass(function) else function)
+    except Exception:  # unresolvable annotations: binding is still checked
+        return {}
+
+
+# The annotations a config value can be checked against; anything else (a tensor, a
+# module, a callable) is left to the dry build.
+_SIMPLE = {int: "a whole number", float: "a number", bool: "true or false", str: "text", type(None): "null",
+           Path: "a path", PurePath: "a path", os.PathLike: "a path"}
+
+
+def _check_value(key: str, value, hint) -> None:
+    allowed = _allowed_by(hint)
+    if allowed is None or any(ok(value) for ok, _ in allowed):
+        return
+    words = [word for _, word in allowed]
+    if "a path" in words:  # str | Path: the text is a path
+        words = [word for word in words if word != "text"]
+    words = " or ".join(dict.fromkeys(words))
+    message = f"{key}={value!r} is not allowed: use {words}"
+    if "a path" in words and _is_number(value):
+        message += f" (quote a name that looks like a number: '{key}=\"{value}\"')"
+    raise ConfigError(message)
+
+
+def _allowed_by(hint) -> list[tuple[Callable[[object], bool], str]] | None:
+    """(test, words) for each alternative of `hint`; None when the hint is not one we can check."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_allowed_by(member) for member in typing.get_args(hint)]
+        return None if any(part is None for part in parts) else [item for part in parts for item in part]
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        return [(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))]
+    if origin in (tuple, list) or hint in (tuple, list):
+        return [(lambda v: isinstance(v, (ListConfig, list, tuple)), "a list like [a, b]")]
+    if origin is dict or hint is dict:
+        return [(lambda v: isinstance(v, (DictConfig, dict)), "a mapping")]
+    if hint not in _SIMPLE:
+        return None
+    tests = {int: _is_int, float: _is_number, bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+             type(None): lambda v: v is None}
+    return [(tests.get(hint, lambda v: isinstance(v, str)), _SIMPLE[hint])]
+
+
+# --- 3. the dry build ---------------------------------------------------------------------------
+
+
+def dry_build(cfg: DictConfig) -> None:
+    """Build the cheap parts as training would, so torch's own checks speak before any work."""
+    import torch  # only here: the checks above answer without waiting for torch
+    from hydra.utils import instantiate
+
+    from vae_lab.runtime import build_vae
+
+    groups = [g for g in cfg if isinstance(cfg[g], DictConfig) and "_target_" in cfg[g] and g not in NOT_DRY_BUILT]
+    built = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
+        model = objective = None
+        if all(group in groups for group in VAE_GROUPS):
+            def build_model():
+                return build_vae(cfg.model, cfg.prior, cfg.loss, IMAGE_SHAPE)
+
+            _refuse_absurd_size(cfg, build_model, torch)
+            model, objective = _attempt(cfg, "model", build_model)
+            _attempt(cfg, "model", lambda: _probe(model, objective, torch))
+        for group in groups:
+            if group not in VAE_GROUPS:
+                built[group] = _attempt(cfg, group, lambda node=cfg[group]: instantiate(node))
+        if isinstance(model, torch.nn.Module):
+            optimizer = built.get("optim")
+            if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
+                optimizer = _attempt(cfg, "optim", lambda: built["optim"](model.parameters()))
+            if isinstance(optimizer, torch.optim.Optimizer) and callable(built.get("scheduler")):
+                _attempt(cfg, "scheduler", lambda: _step_scheduler(built["scheduler"], optimizer))
+
+
+def _attempt(cfg: DictConfig, group: str, action: Callable):
+    """Run `action`; whatever it raises becomes one line naming the group and torch's message.
+
+    Hydra names the node it was building (`full_key: prior`), which names the group
+    when several are built together.
+    """
+    from hydra.errors import InstantiationException
+
+    try:
+        return action()
+    except VaeLabError:
+        raise
+    except Exception as error:
+        cause = error
+        if isinstance(error, InstantiationException):
+            group = next((line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")), group)
+            cause = error.__cause__ if error.__cause__ is not None else error
+        text = " ".join(str(cause).split()) or type(cause).__name__
+        node = OmegaConf.select(cfg, group) if OmegaConf.select(cfg, group) is not None else cfg.get(group.split(".")[0])
+        settings = ", ".join(f"{key}={node[key]}" for key in node if not str(key).startswith("_")) if isinstance(node, DictConfig) else ""
+        raise ConfigError(f"{group} ({node.get('_target_') if isinstance(node, DictConfig) else '?'}) refuses these settings: "
+                          f"{text}. Fix {group}: {settings}") from None
+
+
+def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
+    """Count the model's parameters on the meta device (nothing allocated) against the machine's memory."""
+    try:
+        with torch.device("meta"):
+            model, _ = build_model()
+        count = sum(p.numel() for p in model.parameters())
+    except Exception:
+        return  # a model that cannot be built on meta: the CPU build reports real errors
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    needed, available = count * TRAINING_BYTES_PER_PARAMETER, _memory_bytes(device, torch)
+    where = "GPU memory" if device.startswith("cuda") and torch.cuda.is_available() else "memory"
+    if needed > available:
+        raise ConfigError(
+            f"model ({cfg.model.get('_target_')}) with these settings has {count:,} parameters, which need about "
+            f"{needed / 2**30:,.0f} GiB to train; this machine has {available / 2**30:,.0f} GiB of {where}. "
+            "Use smaller model.* (or prior.*) sizes."
+        )
+
+
+def _memory_bytes(device: str, torch) -> int:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        return torch.cuda.get_device_properties(index).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _probe(model, objective, torch) -> None:
+    """Two images through the objective (encoder, prior, decoder, likelihood) on the CPU."""
+    model.eval()  # as evaluation runs it: nothing here is a training step
+    with torch.no_grad():
+        objective(model, torch.rand(2, *IMAGE_SHAPE))
+
+
+def _step_scheduler(make_scheduler, optimizer) -> None:
+    """Two epochs' steps: some schedules divide by their settings only when stepped."""
+    scheduler = make_scheduler(optimizer)
+    for _ in range(2):
+        optimizer.step()  # no gradients: changes nothing, but keeps torch's step order
+        scheduler.step()
+
+
+def _compile_backend(setting) -> None:
+    if not isinstance(setting, str):
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if setting not in backends:
+        raise ConfigError(
+            f"train.compile={setting!r} is not a torch.compile backend here: use true, false or one of "
+            + ", ".join(b for b in torch._dynamo.list_backends())
+        )
+
+
 def _device(name: str) -> None:
     allowed = "auto, cpu, cuda, cuda:N or mps"
+    if not isinstance(name, str):
+        raise ConfigError(f"device={name!r} is not allowed: use {allowed}")
     if name in ("auto", "cpu"):
         return
     import torch  # only here: a config error should not wait for torch to load
@@ -83,5 +339,9 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _is_int(value) and value >= 1
