@@ -371,11 +371,13 @@ MALFORMED = [
     ("negative learning rate in the saved config", _config(lambda c: c["optim"].update(lr=-1.0)),
      "its saved config has a setting vae_lab does not accept: optim.lr=-1.0 is not allowed"),
     ("latent_dim 10**9 in the saved config", _config(lambda c: c["model"].update(latent_dim=10**9)),
-     "do not fit the model its own config describes ({'_target_': 'vae_lab.model.ConvVAE', 'latent_dim': 1000000000"),
+     # refused by the command line's own size rule (validate), before anything is allocated
+     "its saved config has a setting vae_lab does not accept: model (vae_lab.model.ConvVAE) with these settings has 194,000,093,377 parameters"),
     ("base_channels 10**6 in the saved config", _config(lambda c: c["model"].update(base_channels=10**6)),
-     "do not fit the model its own config describes"),
+     "its saved config has a setting vae_lab does not accept: model (vae_lab.model.ConvVAE) with these settings has"),
     ("latent_dim 10**30 in the saved config", _config(lambda c: c["model"].update(latent_dim=10**30)),
-     "the model its config describes ({'_target_': 'vae_lab.model.ConvVAE', 'latent_dim': 10000000000000000000000000000"),
+     "its saved config has a setting vae_lab does not accept: model (vae_lab.model.ConvVAE) refuses these settings: "
+     "empty(): argument 'size' failed to unpack the object at pos 1 with error \"Overflow when unpacking long long. Fix model:"),
     ("missing value in the saved config", _config(lambda c: c["model"].update(hidden_dim="???")),
      "its config holds a missing value ('???') at config.model.hidden_dim"),
 ]

@@ -600,7 +600,7 @@ def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path) -
         probe.task = "train"
         probe.device = "cpu"
         probe.data.name = data_name
-        probe.data.root = None
+        probe.data.root = "."  # a neutral path: where the data lives is this machine's business
         for key in ("train.resume", "evaluate.checkpoint", "summarize.sweep_dir"):
             if OmegaConf.select(probe, key) is not None:
                 OmegaConf.update(probe, key, None)

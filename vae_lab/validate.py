@@ -251,7 +251,9 @@ def _attempt(cfg: DictConfig, group: str, action: Callable):
         if isinstance(error, InstantiationException):
             group = next((line.split(":", 1)[1].strip() for line in str(error).splitlines() if line.startswith("full_key:")), group)
             cause = error.__cause__ if error.__cause__ is not None else error
-        text = " ".join(str(cause).split()) or type(cause).__name__
+        # The first line only: torch's C++ errors append a stack of native frames.
+        text = next((line.strip() for line in str(cause).splitlines() if line.strip()), type(cause).__name__)
+        text = text.split(" Exception raised from ")[0]
         node = OmegaConf.select(cfg, group) if OmegaConf.select(cfg, group) is not None else cfg.get(group.split(".")[0])
         settings = ", ".join(f"{key}={node[key]}" for key in node if not str(key).startswith("_")) if isinstance(node, DictConfig) else ""
         raise ConfigError(f"{group} ({node.get('_target_') if isinstance(node, DictConfig) else '?'}) refuses these settings: "
