@@ -40,3 +40,11 @@ def compose_config(*overrides: str):
 def make_cfg():
     """make_cfg("model.latent_dim=2", ...) -> the real config with TINY and these overrides."""
     return compose_config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def feature_classifier_cache(tmp_path_factory):
+    """Feature classifiers of every test, and of every run.py a test starts, go to a temporary folder, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAE_LAB_CACHE", str(tmp_path_factory.mktemp("vae_lab_cache")))
+        yield

@@ -5,10 +5,13 @@ import numbers
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vae_lab.errors import ConfigError
-from vae_lab.options import BINARIZE, DATASETS, EMBEDDINGS, N_COMPONENTS, RECONSTRUCTIONS, RETURN_METRICS, TASKS
+from vae_lab.options import BINARIZE, DATASETS, EMBEDDINGS, N_COMPONENTS, RECONSTRUCTIONS, RETURN_METRICS, SAMPLERS, TASKS
+
+# precision and recall need k + 1 = 4 neighbours within a set; FID a covariance.
+MIN_SAMPLE_COUNT = 10
 
 
 def validate(cfg: DictConfig) -> None:
@@ -17,7 +20,8 @@ def validate(cfg: DictConfig) -> None:
     _device(cfg.device)
     for key in ("train.batch_size", "train.epochs", "train.checkpoint_every", "train.plot_every", "model.latent_dim",
                 "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
-                "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points"):
+                "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points",
+                "evaluate.gmm_components"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
     _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
@@ -29,12 +33,21 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "train.compile", lambda v: isinstance(v, (bool, str)), "false, true or a torch.compile backend name (e.g. aot_eager)")
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
     _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
+    _samplers(cfg)
+    _check(cfg, "evaluate.sample_count", lambda v: _is_positive_int(v) and v >= MIN_SAMPLE_COUNT,
+           f"a whole number >= {MIN_SAMPLE_COUNT} (10000 for figures comparable with the README)")
+    _check(cfg, "evaluate.sample_metrics", lambda v: isinstance(v, bool), "true or false")
     _one_of(cfg, "data.name", DATASETS)
     _one_of(cfg, "data.binarize", BINARIZE)
     _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
     root = OmegaConf.select(cfg, "data.root")
     if cfg.data.name != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
         raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")
+
+
+def _samplers(cfg: DictConfig) -> None:
+    allowed = "a list of distinct names from " + ", ".join(SAMPLERS) + " (e.g. evaluate.samplers=[prior,gmm])"
+    _check(cfg, "evaluate.samplers", lambda v: isinstance(v, ListConfig) and all(s in SAMPLERS for s in v) and len(set(v)) == len(v), allowed)
 
 
 def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], allowed: str) -> None:
