@@ -19,7 +19,7 @@ import torch
 from vae_lab import plots
 from vae_lab.metrics import encode_all
 from vae_lab.options import SAMPLE_METRICS
-from vae_lab.sample_quality import cached_classifier, class_histogram, features_and_classes, fidelity, kl_to_uniform, latent_probe
+from vae_lab.sample_quality import PR_NEIGHBOURS, cached_classifier, class_histogram, features_and_classes, fidelity, kl_to_uniform, latent_probe
 from vae_lab.samplers import decode_images, make_sampler
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def sample_quality(
     """
     seconds: dict[str, float] = {}
     with _timed(seconds, "encode_train"):
-        train_means = encode_all(model, data.train_images, batch_size)[0] if samplers else None
+        train_means = encode_all(model, data.train_images, batch_size)[0] if "gmm" in samplers else None
     with _timed(seconds, "fit_samplers"):
         fitted = {name: make_sampler(name, model, train_means=train_means, components=gmm_components, seed=seed) for name in samplers}
     for name, sampler in fitted.items():
@@ -59,10 +59,13 @@ def sample_quality(
     if not sample_metrics:
         return {}
 
+    n = min(sample_count, len(data.test_images), len(data.train_images))
+    if n <= PR_NEIGHBOURS + 1:
+        log.warning("sample metrics skipped: %d test images are too few for precision and recall with k = %d", n, PR_NEIGHBOURS)
+        return {}
     device = data.test_images.device
     with _timed(seconds, "classifier"):  # loading it, or training it once per data set
         network, classifier = cached_classifier(data, cache_dir, device, batch_size)
-    n = min(sample_count, len(data.test_images), len(data.train_images))
     with _timed(seconds, "generate"):
         sets = {name: decode_images(model, sampler.latents(n, torch.Generator().manual_seed(seed)), batch_size)
                 for name, sampler in fitted.items()}
