@@ -72,6 +72,8 @@ def sample_quality(
         sets["reconstruction"] = decode_images(model, test_means[:n], batch_size)
         floor_rows = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(seed))[:n]
         sets["floor"] = data.train_images[floor_rows.to(device)]
+        if data.dynamic_binarization:  # the stored train split holds intensities; the test split a binary draw
+            sets["floor"] = torch.bernoulli(sets["floor"].cpu(), generator=torch.Generator().manual_seed(seed)).to(device)
     with _timed(seconds, "features"):
         real_features, _ = features_and_classes(network, data.test_images[:n], batch_size)
         measured = {name: features_and_classes(network, images, batch_size) for name, images in sets.items()}
