@@ -66,3 +66,11 @@ def assert_png(path: Path, min_side: int = 100) -> None:
     with Image.open(path) as image:
         image.verify()
         assert min(image.size) > min_side, (path, image.size)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def feature_classifier_cache(tmp_path_factory):
+    """Feature classifiers of every test, and of every run.py a test starts, go to a temporary folder, never ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VAE_LAB_CACHE", str(tmp_path_factory.mktemp("vae_lab_cache")))
+        yield

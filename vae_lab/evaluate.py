@@ -25,6 +25,7 @@ from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
 from vae_lab.outcome import TaskOutcome, evaluation_outcome
 from vae_lab.runtime import build, build_vae, resolve_device
+from vae_lab.sample_report import log_sample_quality, sample_quality
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     try:
         with _staging(results_dir) as folder, model.prior.frozen(model.posterior):
             _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
+            report.update(sample_quality(
+                model, data, mu, folder, samplers=list(ev.samplers), gmm_components=ev.gmm_components,
+                sample_count=ev.sample_count, sample_metrics=ev.sample_metrics, batch_size=ev.batch_size,
+                cache_dir=ev.cache_dir, seed=cfg.seed, generation_samples=ev.generation_samples, images_per_row=ev.images_per_row,
+            ))
             report["seconds"] = round(time.perf_counter() - started, 3)
             (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     except OSError as error:
@@ -108,6 +114,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
             "Nothing was left half-written; free space or evaluate into another run directory."
         ) from error
     _log_report(report)
+    log_sample_quality(report)
     return report
 
 

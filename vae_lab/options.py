@@ -16,6 +16,18 @@ RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian")
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)
 RETURN_METRICS = ("test_loss", "test_neg_elbo")
+SAMPLERS = ("prior", "gmm")
+# The image sets every sample metric is computed for: each sampler's images, the decoded
+# posterior means of the test images, and the floor (a part of the training set).
+SAMPLE_SETS = (*SAMPLERS, "reconstruction", "floor")
+SAMPLE_METRICS = ("fid", "kid", "precision", "recall", "class_kl")
+
+
+def sample_metric_keys() -> tuple[str, ...]:
+    """The sample-quality keys of metrics.json (the sweep summary reads them): `<metric>_<set>` and two more."""
+    return (*(f"{metric}_{name}" for name in SAMPLE_SETS for metric in SAMPLE_METRICS),
+            "latent_probe_accuracy", "classifier_test_accuracy")
+
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's seeding accept
 IMAGE_SHAPE = (1, 28, 28)  # what the models are probed with before a run
 
@@ -35,6 +47,7 @@ class TrainSettings:
     amp: bool
     compile: bool | str
     channels_last: bool
+    kl_warmup_epochs: int
 
 
 @dataclass
@@ -48,6 +61,10 @@ class EvaluateSettings:
     images_per_row: int
     generation_samples: int
     embedding_points: int
+    iw_limit: int | None
+    gmm_components: int
+    sample_metrics: bool
+    sample_count: int
 
 
 @dataclass

@@ -115,3 +115,28 @@ def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, bbox_inches="tight")
     return path
+
+
+def class_coverage(histograms: dict[str, np.ndarray], class_names: Sequence[str], path: Path, *, title: str) -> Path:
+    """Grouped bars: the share of each image set's images per predicted class, with the uniform share marked.
+
+    histograms: set name -> counts per class (K,).
+    """
+    import seaborn as sns
+
+    names = list(histograms)
+    width = 0.8 / len(names)
+    figure = Figure(figsize=(max(7, 0.9 * len(class_names) + 2), 4), dpi=DPI, layout="constrained")
+    ax = figure.add_subplot()
+    positions = np.arange(len(class_names))
+    for i, (name, colour) in enumerate(zip(names, sns.color_palette("tab10", len(names)))):
+        counts = np.asarray(histograms[name], dtype=float)
+        ax.bar(positions + (i - (len(names) - 1) / 2) * width, counts / max(counts.sum(), 1), width, color=colour, label=name)
+    ax.axhline(1 / len(class_names), color="black", linestyle="--", linewidth=1, label="uniform")
+    ax.set_xticks(positions, [str(c) for c in class_names], fontsize=8)
+    ax.set_xlabel("class predicted by the data set's classifier")
+    ax.set_ylabel("share of the images")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.grid(axis="y", alpha=0.3)
+    return _save(figure, path)

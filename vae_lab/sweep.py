@@ -20,12 +20,15 @@ from omegaconf import DictConfig
 
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.outcome import TaskOutcome, summary_outcome
+from vae_lab.options import sample_metric_keys
 
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"  # written by the CLI for every multirun job: status, error, seconds
 METRICS = ("neg_elbo", "recon", "kl", "iw_nll", "active_units", "objective")
 MAIN_METRIC = "neg_elbo"
+# Every sample-quality metric goes to summary.csv; the Markdown table keeps to these.
+SAMPLE_COLUMNS = ("fid_prior", "fid_gmm", "fid_floor", "latent_probe_accuracy")
 
 
 class SweepSummary(Callback):
@@ -89,7 +92,7 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         raise ConfigError(f"summarize.sweep_dir={sweep_dir} holds no Hydra jobs (no */.hydra/overrides.yaml)")
     rows = [_readable_job_row(job) for job in jobs]
     swept = swept_keys(rows)
-    columns = ["job", "status", *swept, *METRICS, "epochs", "seconds", "error", "overrides"]
+    columns = ["job", "status", *swept, *METRICS, *sample_metric_keys(), "epochs", "seconds", "error", "overrides"]
     with (sweep_dir / "summary.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -126,7 +129,7 @@ def job_row(job_dir: Path) -> dict:
     results = job_dir / "results" / "metrics.json"
     if results.is_file():
         report = _read_structured(job_dir, "results/metrics.json", json.loads, dict, "a JSON object")
-        row.update({key: report.get(key, "") for key in METRICS})
+        row.update({key: report.get(key, "") for key in (*METRICS, *sample_metric_keys())})
     elif history:  # no evaluation: the last epoch's test pass
         last = history[-1]
         recon, kl = last["test_recon"], last["test_kl"]
@@ -164,7 +167,7 @@ def swept_keys(rows: list[dict]) -> list[str]:
 
 
 def markdown_table(rows: list[dict], swept: list[str]) -> str:
-    columns = ["job", *swept, "status", *METRICS, "epochs", "seconds"]
+    columns = ["job", *swept, "status", *METRICS, *SAMPLE_COLUMNS, "epochs", "seconds"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |" for row in rows]
     errors = [f"- job {row['job']}: {row['error']}" for row in rows if row["error"]]

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
     BINARIZE, DATASETS, EMBEDDINGS, IMAGE_SHAPE, N_COMPONENTS, RECONSTRUCTIONS, RETURN_METRICS, SEED_RANGE, SETTINGS,
-    TASKS, RunSettings,
+    TASKS, RunSettings, SAMPLERS,
 )
 
 # Groups the dry build does not build: building the data reads the data set (the task does that once).
@@ -43,13 +43,17 @@ VAE_GROUPS = ("model", "prior", "loss")
 TRAINING_BYTES_PER_PARAMETER = 16
 MAX_FIGURE_IMAGES = 10_000
 
+# precision and recall need k + 1 = 4 neighbours within a set; FID a covariance.
+MIN_SAMPLE_COUNT = 10
+
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first setting of `cfg` whose value is not allowed."""
     _one_of(cfg, "task", TASKS)
     for key in ("train.batch_size", "train.epochs", "train.checkpoint_every", "train.plot_every", "model.latent_dim",
                 "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
-                "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points"):
+                "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points",
+                "evaluate.gmm_components"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
     for key in ("evaluate.generation_samples", "evaluate.reconstruction_rows", "evaluate.images_per_row"):
         # Each of these is drawn in one figure, at once: a huge number is unreadable and may not fit in memory.
@@ -70,6 +74,10 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
     _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
+    _samplers(cfg)
+    _check(cfg, "evaluate.sample_count", lambda v: _is_positive_int(v) and v >= MIN_SAMPLE_COUNT,
+           f"a whole number >= {MIN_SAMPLE_COUNT} (10000 for figures comparable with the README)")
+    _check(cfg, "evaluate.sample_metrics", lambda v: isinstance(v, bool), "true or false")
     _one_of(cfg, "data.name", DATASETS)
     _one_of(cfg, "data.binarize", BINARIZE)
     _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
@@ -82,6 +90,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task == "train":
         _compile_backend(OmegaConf.select(cfg, "train.compile"))
         dry_build(cfg)
+
+
+def _samplers(cfg: DictConfig) -> None:
+    allowed = "a list of distinct names from " + ", ".join(SAMPLERS) + " (e.g. evaluate.samplers=[prior,gmm])"
+    _check(cfg, "evaluate.samplers", lambda v: isinstance(v, ListConfig) and all(s in SAMPLERS for s in v) and len(set(v)) == len(v), allowed)
 
 
 def _check(cfg: DictConfig, key: str, ok: Callable[[object], bool], allowed: str) -> None:

@@ -1,0 +1,126 @@
+"""The sample-quality part of an evaluation: each sampler's figure, and metrics that read against real data.
+
+For every sampler, for the reconstructions of the test images, and for the floor (an
+equally large part of the training set), the images are compared with the test images
+in the features of the data set's own classifier: FID, KID, precision, recall, and the
+KL of their predicted classes to the uniform distribution. The floor is what real data
+scores, so every other number reads against it. The latent probe says how much class
+information the posterior means hold.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from vae_lab import plots
+from vae_lab.metrics import encode_all
+from vae_lab.options import SAMPLE_METRICS
+from vae_lab.sample_quality import PR_NEIGHBOURS, cached_classifier, class_histogram, features_and_classes, fidelity, kl_to_uniform, latent_probe
+from vae_lab.samplers import decode_images, make_sampler
+
+log = logging.getLogger(__name__)
+
+
+def sample_quality(
+    model,
+    data,
+    test_means: torch.Tensor,
+    folder: Path,
+    *,
+    samplers: list[str],
+    gmm_components: int,
+    sample_count: int,
+    sample_metrics: bool,
+    batch_size: int,
+    cache_dir: str,
+    seed: int,
+    generation_samples: int,
+    images_per_row: int,
+) -> dict:
+    """Draw random_generation_<sampler>.png for every sampler but the prior (whose figure is
+    random_generation.png); with sample_metrics, measure and return the metrics (else {}).
+
+    test_means: posterior means (N_test, latent_dim) of data.test_images.
+    """
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "encode_train"):
+        train_means = encode_all(model, data.train_images, batch_size)[0] if "gmm" in samplers else None
+    with _timed(seconds, "fit_samplers"):
+        fitted = {name: make_sampler(name, model, train_means=train_means, components=gmm_components, seed=seed) for name in samplers}
+    for name, sampler in fitted.items():
+        if name != "prior":  # the prior's figure is the reference's random_generation.png
+            z = sampler.latents(generation_samples, torch.Generator().manual_seed(seed))
+            plots.image_grid(decode_images(model, z, batch_size), folder / f"random_generation_{name}.png", nrow=images_per_row,
+                             title=f"Random generation: decoded z from the {name} sampler, latent_dim={model.latent_dim}")
+    if not sample_metrics:
+        return {}
+
+    n = min(sample_count, len(data.test_images), len(data.train_images))
+    if n <= PR_NEIGHBOURS + 1:
+        log.warning("sample metrics skipped: %d test images are too few for precision and recall with k = %d", n, PR_NEIGHBOURS)
+        return {}
+    device = data.test_images.device
+    with _timed(seconds, "classifier"):  # loading it, or training it once per data set
+        network, classifier = cached_classifier(data, cache_dir, device, batch_size)
+    with _timed(seconds, "generate"):
+        sets = {name: decode_images(model, sampler.latents(n, torch.Generator().manual_seed(seed)), batch_size)
+                for name, sampler in fitted.items()}
+        sets["reconstruction"] = decode_images(model, test_means[:n], batch_size)
+        floor_rows = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(seed))[:n]
+        sets["floor"] = data.train_images[floor_rows.to(device)]
+        if data.dynamic_binarization:  # the stored train split holds intensities; the test split a binary draw
+            sets["floor"] = torch.bernoulli(sets["floor"].cpu(), generator=torch.Generator().manual_seed(seed)).to(device)
+    with _timed(seconds, "features"):
+        real_features, _ = features_and_classes(network, data.test_images[:n], batch_size)
+        measured = {name: features_and_classes(network, images, batch_size) for name, images in sets.items()}
+    report = {"sample_metric_images": n, "samplers": list(samplers)}
+    histograms = {}
+    with _timed(seconds, "fidelity"):
+        for name, (features, classes) in measured.items():
+            histograms[name] = class_histogram(classes, len(data.class_names))
+            values = {**fidelity(features, real_features, seed), "class_kl": kl_to_uniform(histograms[name])}
+            report.update({f"{metric}_{name}": values[metric] for metric in SAMPLE_METRICS})
+    report["class_histograms"] = {name: counts.tolist() for name, counts in histograms.items()}
+    plots.class_coverage(histograms, data.class_names, folder / "class_coverage.png",
+                         title=f"Class coverage: predicted classes of {n} images per set (floor: training images)")
+    with _timed(seconds, "latent_probe"):
+        if train_means is None:
+            train_means = encode_all(model, data.train_images, batch_size)[0]
+        report["latent_probe_accuracy"] = latent_probe(train_means, data.train_labels, test_means, data.test_labels, seed)
+    report["classifier_test_accuracy"] = classifier["test_accuracy"]
+    report["classifier_cached"] = classifier["cached"]
+    report["classifier_train_seconds"] = round(classifier["train_seconds"], 3)
+    report["sample_quality_seconds"] = {name: round(value, 3) for name, value in seconds.items()}
+    report["sample_quality_seconds"]["total"] = round(sum(seconds.values()), 3)
+    return report
+
+
+def log_sample_quality(report: dict) -> None:
+    """The sample-quality table for the console and run.log (nothing when the block was off)."""
+    if "sample_metric_images" not in report:
+        return
+    names = [*report["samplers"], "reconstruction", "floor"]
+    lines = [
+        f"sample quality: {report['sample_metric_images']} images per set vs as many test images, in the features of the "
+        f"{report['data']} classifier (test accuracy {100 * report['classifier_test_accuracy']:.2f} %)",
+        f"  {'set':<16}{'FID':>10}{'KID':>10}{'precision':>11}{'recall':>8}{'class KL':>10}",
+    ]
+    for name in names:
+        label = "floor (train)" if name == "floor" else name
+        lines.append(f"  {label:<16}{report[f'fid_{name}']:>10.3f}{report[f'kid_{name}']:>10.4f}"
+                     f"{report[f'precision_{name}']:>11.3f}{report[f'recall_{name}']:>8.3f}{report[f'class_kl_{name}']:>10.4f}")
+    lines.append(f"  latent probe (logistic regression on posterior means): test accuracy {100 * report['latent_probe_accuracy']:.2f} %")
+    lines.append(f"  seconds: {report['sample_quality_seconds']}")
+    log.info("\n".join(lines))
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], part: str):
+    """Add the wall time of the with-block to seconds[part]."""
+    started = time.perf_counter()
+    yield
+    seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - started
