@@ -24,6 +24,8 @@ What pythae's numbers mean, next to vae_lab's:
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from pythae.data.datasets import BaseDataset
 from pythae.models import BetaVAE, BetaVAEConfig
@@ -73,7 +75,11 @@ def pythae_trainer(model: BetaVAE, train_images, test_images, *, batch_size: int
         output_dir=str(output_dir), per_device_train_batch_size=batch_size, per_device_eval_batch_size=eval_batch_size,
         num_epochs=1, learning_rate=lr, optimizer_cls="Adam", no_cuda=device.type != "cuda",
     )
+    initial = copy.deepcopy(model.state_dict())
     trainer = BaseTrainer(model, as_dataset(train_images), as_dataset(test_images), training_config=config)
+    # Its sanity check ran one training-mode forward pass, which moved BatchNorm's running
+    # statistics; put them back so that (d) starts from exactly the state (a)-(c) start from.
+    model.load_state_dict(initial)
     trainer.prepare_training()  # optimizer, callbacks (its progress bar), its output folder
     return trainer
 

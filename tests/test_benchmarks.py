@@ -101,3 +101,14 @@ def test_pythae_adapter_computes_vae_labs_loss(peer, reference):
         torch.manual_seed(7)
         framework = elbo_terms(model, loss_fn, x).total.item()
     assert pythae_loss == pytest.approx(framework, rel=1e-5)
+
+
+def test_pythae_trainer_starts_from_the_state_it_was_given(peer, reference, tmp_path):
+    # Its construction runs a training-mode forward pass that moves BatchNorm's running statistics.
+    model, loss_fn, x = reference
+    wrapped = peer.pythae_vae(model, loss_fn.alpha)
+    initial = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    peer.pythae_trainer(wrapped, x, x, batch_size=16, eval_batch_size=32, lr=1e-3, device=torch.device("cpu"),
+                        output_dir=tmp_path)
+    for key, tensor in wrapped.state_dict().items():
+        assert torch.equal(tensor, initial[key]), key
