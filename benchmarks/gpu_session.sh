@@ -6,6 +6,7 @@
 #     bash benchmarks/gpu_session.sh all
 # or one stage at a time (each installs what it needs first):
 #     bash benchmarks/gpu_session.sh checks|speed|speed-fast|reference|iw|profile|tests
+#     (profile = profile-plain, profile-fast and phases, each also a stage of its own)
 #
 # Results go to $OUT (at most 8 files come back): results.md (every table, with device, torch
 # and command), session.log (all output), stderr.log (progress bars and warnings),
@@ -35,7 +36,7 @@ setup() {
         echo "# GPU session $(date -u +%FT%TZ)"; echo
         echo '```'
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-        python3 -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version(), '|', torch.cuda.get_device_name())"
+        python3 -c "import torch, sys; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version(), '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
         python3 -c "import pythae, importlib.metadata as m; print('pythae', m.version('pythae'))"
         echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --porcelain 2>/dev/null | grep -qv '^??' && echo '(with local changes)')"
         echo '```'
@@ -67,28 +68,20 @@ speed_fast() { stage speed-fast 60 200 python3 benchmarks/speed.py --data-root /
 iw()         { stage iw 30 150 python3 benchmarks/speed.py --data-root /tmp/data --device $DEVICE --iw-only 5000 --iw-images 10000; }
 reference() {
     # The full reference run on the GPU recipe: 90 epochs with their test passes, no final evaluation.
-    stage reference 60 240 bash -c 'started=$(date +%s.%N)
-        python3 run.py experiment=gpu_fast train.evaluate_at_end=false data.root=/tmp/data data.download=false \
-            hydra.run.dir=/tmp/reference >/dev/null || exit $?
-        python3 - "$started" <<"EOF"
-import csv, sys, time
-rows = list(csv.DictReader(open("/tmp/reference/metrics.csv")))
-wall = time.time() - float(sys.argv[1])
-train = sum(float(r["train_seconds"]) for r in rows)
-total = sum(float(r["seconds"]) for r in rows)
-print(f"{len(rows)} epochs: whole command {wall:.1f} s (start-up and compilation included); "
-      f"epochs with their test passes {total:.1f} s, of which training {train:.1f} s "
-      f"(first epoch {float(rows[0]['seconds']):.1f} s, median epoch {sorted(float(r['seconds']) for r in rows)[len(rows) // 2]:.2f} s); "
-      f"final train loss {float(rows[-1]['train_loss']):.3f}, test loss {float(rows[-1]['test_loss']):.3f}")
-EOF'
+    stage reference 60 240 python3 benchmarks/reference_timing.py --run-dir /tmp/reference \
+        experiment=gpu_fast train.evaluate_at_end=false data.root=/tmp/data data.download=false
     cp /tmp/reference/metrics.csv "$OUT/metrics-gpu_fast.csv" 2>/dev/null
 }
-profile() {
+profile_plain() {
     stage profile-plain 30 90 python3 benchmarks/speed.py --data-root /tmp/data --device $DEVICE --torch-profile /tmp/trace-plain.json
-    stage profile-fast 30 120 python3 benchmarks/speed.py --data-root /tmp/data --device $DEVICE --torch-profile /tmp/trace-fast.json "${FAST[@]}"
-    stage phases 20 60 python3 benchmarks/speed.py --data-root /tmp/data --device $DEVICE --profile
-    for t in plain fast; do [[ -f /tmp/trace-$t.json ]] && gzip -c /tmp/trace-$t.json > "$OUT/trace-$t.json.gz"; done
+    [[ -f /tmp/trace-plain.json ]] && gzip -c /tmp/trace-plain.json > "$OUT/trace-plain.json.gz"
 }
+profile_fast() {
+    stage profile-fast 30 120 python3 benchmarks/speed.py --data-root /tmp/data --device $DEVICE --torch-profile /tmp/trace-fast.json "${FAST[@]}"
+    [[ -f /tmp/trace-fast.json ]] && gzip -c /tmp/trace-fast.json > "$OUT/trace-fast.json.gz"
+}
+phases() { stage phases 20 60 python3 benchmarks/speed.py --data-root /tmp/data --device $DEVICE --profile; }
+profile() { profile_plain; profile_fast; phases; }
 tests() {
     # The suite's fast tier. Its tests run on the device conftest.py gives them (TINY's device=cpu),
     # unless conftest honours VAE_LAB_TEST_DEVICE.
@@ -96,11 +89,17 @@ tests() {
     VAE_LAB_TEST_DEVICE=cuda stage tests 60 400 python3 -m pytest -q -x -m "not slow" -p no:cacheprovider
 }
 
+what="${1:-all}"
+case "$what" in
+    all | checks | speed | speed-fast | reference | iw | profile | profile-plain | profile-fast | phases | tests) ;;
+    *) echo "unknown stage $what; one of: all checks speed speed-fast reference iw profile" \
+            "(profile-plain profile-fast phases) tests" >&2; exit 2 ;;
+esac
 setup
-case "${1:-all}" in
+case "$what" in
     all) checks; speed; reference; iw; speed_fast; profile ;;
-    checks) checks ;; speed) speed ;; speed-fast) speed_fast ;; reference) reference ;;
-    iw) iw ;; profile) profile ;; tests) tests ;;
-    *) echo "unknown stage ${1}; one of all checks speed speed-fast reference iw profile tests" >&2; exit 2 ;;
+    checks) checks ;; speed) speed ;; speed-fast) speed_fast ;; reference) reference ;; iw) iw ;;
+    profile) profile ;; profile-plain) profile_plain ;; profile-fast) profile_fast ;; phases) phases ;;
+    tests) tests ;;
 esac
 echo "results: $RESULTS ($((SECONDS - START)) s)"
