@@ -1,12 +1,16 @@
-"""How fast is vae_lab? Its epoch against (b) a minimal PyTorch loop and (c) the reference's style.
+"""How fast is vae_lab? Its epoch against (b) a minimal PyTorch loop, (c) the reference's style and (d) pythae.
 
 In one process, on the same data, model (the reference ConvVAE) and batch size:
   (a) the framework: its engine and device-resident data, built by train.build_training
       exactly as `python run.py` builds them (config overrides apply: train.amp=true, ...);
   (b) the floor: a hand-written loop over the same tensors on the device;
-  (c) the reference project's style: torchvision MNIST with ToTensor through a DataLoader.
-Each is timed over whole epochs, interleaved, and the median is kept. Then the same for
-evaluation: the ELBO pass over the test set, and the importance-weighted bound at k = 100.
+  (c) the reference project's style: torchvision MNIST with ToTensor through a DataLoader;
+  (d) the library a user might pick instead: pythae's BaseTrainer on the same ConvVAE layers
+      (benchmarks/pythae_peer.py; optional, from the `bench` extra: skipped, with the reason,
+      when pythae cannot be imported).
+Each is timed over whole epochs, interleaved, and the median is kept. The evaluation passes
+(the ELBO over the test set, the importance-weighted bound at k = 100) run first, while all
+four copies still hold the same initial weights, so what each reports is printed beside it.
 
   python benchmarks/speed.py --data-root ../shared/data                  # CPU or GPU, as found
   python benchmarks/speed.py --data-root ../shared/data --out benchmarks/results/cpu.md
@@ -22,6 +26,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,7 +53,10 @@ def main() -> None:
     parser.add_argument("--iw-images", type=int, default=2000, help="test images for the IW timing")
     parser.add_argument("--iw-only", type=int, metavar="K", help="only time the framework's IW bound with K samples")
     parser.add_argument("--profile", action="store_true", help="only break a training step into its parts")
+    parser.add_argument("--torch-profile", type=Path, metavar="TRACE",
+                        help="only profile (a)'s training steps with torch.profiler: top operators, Chrome trace to TRACE")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for (c)")
+    parser.add_argument("--no-pythae", action="store_true", help="leave out (d) even when pythae is installed")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for (a), e.g. train.amp=true")
     args = parser.parse_args()
@@ -61,6 +69,8 @@ def main() -> None:
         return iw_only(framework, args, device)
     if args.profile:
         return print(profile_steps(framework, cfg, device))
+    if args.torch_profile:
+        return print(torch_profile(framework, cfg, device, args.torch_profile))
 
     data, batch = framework.data, cfg.train.batch_size
     hand_model, hand_optimizer = fresh_copy(framework.model, cfg)
@@ -68,6 +78,7 @@ def main() -> None:
     train_loader, test_loader = reference_loaders(args, batch, cfg.evaluate.batch_size)
     alpha = framework.objective.alpha
     shuffle = torch.Generator().manual_seed(0)
+    peer, peer_note = load_pythae(args.no_pythae)
 
     train = {
         "a": lambda: run_epoch(framework.model, framework.step, data.train_images, batch,
@@ -75,10 +86,11 @@ def main() -> None:
         "b": lambda: hand_train_epoch(hand_model, hand_optimizer, batches_on_device(data.train_images, batch, shuffle), alpha),
         "c": lambda: hand_train_epoch(loader_model, loader_optimizer, batches_from_loader(train_loader, device), alpha),
     }
-    test = {
-        "a": lambda: run_epoch(framework.model, framework.step, data.test_images, cfg.evaluate.batch_size),
-        "b": lambda: hand_eval_epoch(hand_model, batches_on_device(data.test_images, cfg.evaluate.batch_size, None), alpha),
-        "c": lambda: hand_eval_epoch(loader_model, batches_from_loader(test_loader, device), alpha),
+    n_test = len(data.test_images)
+    test = {  # each returns the mean loss per test image
+        "a": lambda: run_epoch(framework.model, framework.step, data.test_images, cfg.evaluate.batch_size)["loss"],
+        "b": lambda: hand_eval_epoch(hand_model, batches_on_device(data.test_images, cfg.evaluate.batch_size, None), alpha) / n_test,
+        "c": lambda: hand_eval_epoch(loader_model, batches_from_loader(test_loader, device), alpha) / n_test,
     }
     iw_images = data.test_images[: args.iw_images]
     iw = {
@@ -86,16 +98,61 @@ def main() -> None:
         "b": lambda: hand_iw(hand_model, batches_on_device(iw_images, cfg.evaluate.batch_size, None), 100),
         "c": lambda: hand_iw(loader_model, batches_from_loader(iw_loader(test_loader, args.iw_images), device), 100),
     }
-    rows = [
-        ("training epoch", len(data.train_images), time_variants(train, args.repeats, device)),
-        ("ELBO pass (test)", len(data.test_images), time_variants(test, args.repeats, device)),
-        ("IW bound, k = 100", len(iw_images), time_variants(iw, 1, device)),
-    ]
-    table = markdown(rows, describe(device, cfg, args))
+    with tempfile.TemporaryDirectory(prefix="speed-pythae-") as peer_dir:
+        if peer is not None:
+            peer_model = peer.pythae_vae(fresh_copy(framework.model, cfg)[0], alpha)
+            trainer = peer.pythae_trainer(
+                peer_model, data.train_images, data.test_images, batch_size=batch,
+                eval_batch_size=cfg.evaluate.batch_size, lr=cfg.optim.lr, device=device, output_dir=peer_dir)
+            train["d"] = lambda: peer.train_epoch(trainer)
+            test["d"] = lambda: peer.evaluation_pass(trainer)
+            iw["d"] = lambda: peer.importance_weighted_nll(peer_model, iw_images, 100)
+        # Evaluation first: the four copies still hold the same weights, so their values compare.
+        rows = [
+            ("ELBO pass (test)", n_test, *time_variants(test, args.repeats, device)),
+            ("IW bound, k = 100", len(iw_images), *time_variants(iw, 1, device)),
+            ("training epoch", len(data.train_images), *time_variants(train, args.repeats, device)),
+        ]
+    table = markdown(rows, describe(device, cfg, args, peer_note))
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table + "\n")
+
+
+def load_pythae(unwanted: bool):
+    """(the pythae_peer module, a note for the table); the module is None when (d) is skipped."""
+    if unwanted:
+        return None, "(d) pythae: skipped (--no-pythae)."
+    try:
+        import pythae
+
+        pythae_peer = load_sibling("pythae_peer")
+    except Exception as error:  # ImportError, or a pythae release that no longer imports with these deps
+        note = (f"(d) pythae: skipped, it cannot be imported ({type(error).__name__}: {error}); "
+                "install it with pip install -e '.[bench]'.")
+        print(note, file=sys.stderr)
+        return None, note
+    return pythae_peer, f"(d) pythae {pythae_version(pythae)}: BetaVAE (beta = train.alpha) with its BaseTrainer, fp32."
+
+
+def load_sibling(name: str):
+    """benchmarks/<name>.py as a module, whether this file runs as a script or is imported by a test."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pythae_version(pythae) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pythae")
+    except PackageNotFoundError:
+        return getattr(pythae, "__version__", "(version unknown)")
 
 
 def compose_config(args, device):
@@ -150,7 +207,7 @@ def hand_iw(model, batches, k: int) -> float:
         log_w = []
         for _ in range(k):
             z = mu + std * torch.randn_like(std)
-            log_px = -F.binary_cross_entropy(model.decode(z), x, reduction="none").flatten(1).sum(1)
+            log_px = -F.binary_cross_entropy(model.decoder(z), x, reduction="none").flatten(1).sum(1)
             log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
             log_qz = -0.5 * (((z - mu) / std).pow(2) + logvar + math.log(2 * math.pi)).sum(1)
             log_w.append(log_px + log_pz - log_qz)
@@ -188,10 +245,10 @@ def iw_loader(test_loader, count: int):
     return DataLoader(Subset(test_loader.dataset, range(count)), batch_size=test_loader.batch_size)
 
 
-def time_variants(variants: dict, repeats: int, device) -> dict:
-    """Median seconds of each variant; one untimed warm-up call each, then interleaved repeats."""
-    for run in variants.values():
-        run()
+def time_variants(variants: dict, repeats: int, device) -> tuple[dict, dict]:
+    """(median seconds, value of the warm-up call) of each variant; one untimed warm-up call each,
+    then interleaved repeats."""
+    values = {name: run() for name, run in variants.items()}
     seconds = {name: [] for name in variants}
     for _ in range(repeats):
         for name, run in variants.items():
@@ -200,7 +257,7 @@ def time_variants(variants: dict, repeats: int, device) -> dict:
             run()
             synchronize(device)
             seconds[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return {name: statistics.median(times) for name, times in seconds.items()}, values
 
 
 def synchronize(device) -> None:
@@ -208,17 +265,32 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+VARIANT_NAMES = {"a": "vae_lab", "b": "hand loop", "c": "DataLoader", "d": "pythae"}
+
+
 def markdown(rows, header: str) -> str:
-    lines = [header, "", "| pass | images | (a) vae_lab img/s | (b) hand loop img/s | (c) DataLoader img/s | a/b | a/c |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, images, seconds in rows:
+    """The img/s table, then what each evaluation pass reported (per image, same initial weights)."""
+    names = [name for name in VARIANT_NAMES if name in rows[0][2]]
+    others = names[1:]
+    lines = [header, "",
+             "| pass | images | " + " | ".join(f"({n}) {VARIANT_NAMES[n]} img/s" for n in names)
+             + " | " + " | ".join(f"a/{n}" for n in others) + " |",
+             "|---|---:|" + "---:|" * (len(names) + len(others))]
+    for name, images, seconds, _values in rows:
         rate = {k: images / v for k, v in seconds.items()}
-        lines.append(f"| {name} | {images:,} | {rate['a']:,.0f} | {rate['b']:,.0f} | {rate['c']:,.0f} "
-                     f"| {rate['a'] / rate['b']:.3f} | {rate['a'] / rate['c']:.2f} |")
+        lines.append(f"| {name} | {images:,} | " + " | ".join(f"{rate[n]:,.0f}" for n in names)
+                     + " | " + " | ".join(f"{rate['a'] / rate[n]:.2f}" for n in others) + " |")
+    lines += ["", "What each evaluation pass reported, per image in nats, from the same initial weights "
+              "(the -ELBO with the KL weighted by train.alpha; the IW bound on -log p(x)):", "",
+              "| pass | " + " | ".join(f"({n}) {VARIANT_NAMES[n]}" for n in names) + " |",
+              "|---|" + "---:|" * len(names)]
+    for name, _images, _seconds, values in rows:
+        if name != "training epoch":
+            lines.append(f"| {name} | " + " | ".join(f"{values[n]:.3f}" for n in names) + " |")
     return "\n".join(lines)
 
 
-def describe(device, cfg, args) -> str:
+def describe(device, cfg, args, peer_note: str) -> str:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
@@ -226,7 +298,7 @@ def describe(device, cfg, args) -> str:
     options = " ".join(args.overrides) or "defaults"
     return (f"Machine: {machine}; torch {torch.__version__}; batch {cfg.train.batch_size} "
             f"(test {cfg.evaluate.batch_size}); (a) with {options}; median of {args.repeats} epochs "
-            f"(IW: 1 run on {args.iw_images:,} test images).")
+            f"(IW: 1 run on {args.iw_images:,} test images). {peer_note}")
 
 
 def profile_steps(framework, cfg, device, steps: int = 60) -> str:
@@ -264,6 +336,43 @@ def profile_steps(framework, cfg, device, steps: int = 60) -> str:
              "| phase | ms | share |", "|---|---:|---:|"]
     lines += [f"| {name} | {seconds * 1000:.2f} | {seconds / total:.1%} |" for name, seconds in phases.items()]
     lines.append(f"| total | {total * 1000:.2f} | 100% |")
+    return "\n".join(lines)
+
+
+def torch_profile(framework, cfg, device, trace: Path, steps: int = 100) -> str:
+    """`steps` training steps of (a), as run_epoch runs them, under torch.profiler after a warm-up pass.
+
+    Prints the operators that take the most (device, else CPU) time and how busy the device
+    was; the Chrome trace (chrome://tracing, Perfetto) shows the gaps between kernels.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = cfg.train.batch_size
+    images = framework.data.train_images[: steps * batch]
+    steps = math.ceil(len(images) / batch)  # fewer when the split is smaller
+
+    def epoch():
+        run_epoch(framework.model, framework.step, images, batch, optimizer=framework.optimizer)
+        synchronize(device)
+
+    epoch()  # compilation, cuDNN's kernel choice, the caching allocator
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        epoch()
+        seconds = time.perf_counter() - started
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(trace))
+    averages = profiler.key_averages()
+    lines = [f"torch.profiler, {steps} training steps of batch {batch} on {device} after a warm-up pass: "
+             f"{seconds * 1000 / steps:.2f} ms per step ({len(images) / seconds:,.0f} img/s with the profiler on)."]
+    if cuda:
+        busy = sum(event.self_device_time_total for event in averages) / 1e6  # microseconds -> seconds
+        lines.append(f"Device busy {busy * 1000 / steps:.2f} ms per step ({busy / seconds:.0%} of the wall time); "
+                     "the rest is the host launching work or waiting.")
+    lines += ["", averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25),
+              f"Chrome trace: {trace}"]
     return "\n".join(lines)
 
 
