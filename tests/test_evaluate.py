@@ -83,6 +83,7 @@ def test_active_units_on_a_constructed_case():
     torch.manual_seed(0)
     mu = torch.randn(1000, 3) * torch.tensor([1.0, 0.03, 0.5])  # variances 1, 0.0009, 0.25
     assert active_units(mu).tolist() == [True, False, True]
+    assert active_units(mu[:1]).tolist() == [False, False, False]  # one image: no variance, no NaN warning
 
 
 @pytest.mark.parametrize("overrides, latent_dim", [

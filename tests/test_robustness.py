@@ -152,6 +152,8 @@ CATALOGUE = [
                                                    "train.evaluate_at_end=true"], 0, None),
     ("a single test image", ["data.limit=1", "train.evaluate_at_end=true"], 0,
      "latent_traversal.png not drawn: interpolating needs at least 2 test images, and there is 1"),
+    ("a Gaussian mixture on a single training code", ["data.limit=1", "evaluate.samplers=[prior,gmm]", "train.evaluate_at_end=true"], 0,
+     "the gmm sampler is left out (no random_generation_gmm.png, no metrics): a Gaussian mixture needs at least 2 training codes, and there is 1"),
     # 11. summarize: every readable job is summarised, the bad one named, exit status 1
     ("summarize: truncated job.json", ["task=summarize", "summarize.sweep_dir=SWEEP_TRUNCATED"], 1,
      "1 of 2 jobs could not be read; the summary lists the other jobs in full: job 1: job.json cannot be read (Unterminated string"),

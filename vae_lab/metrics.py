@@ -27,7 +27,11 @@ def encode_all(model, images: torch.Tensor, batch_size: int) -> tuple[torch.Tens
 
 
 def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> torch.Tensor:
-    """Which latent dimensions are in use: variance over the data of E_q[z|x] above threshold. (D,) bool."""
+    """Which latent dimensions are in use: variance over the data of E_q[z|x] above threshold. (D,) bool.
+
+    One image has no variance: none is active (rather than torch's NaN and its warning)."""
+    if len(mu) < 2:
+        return torch.zeros(mu.shape[1], dtype=torch.bool, device=mu.device)
     return mu.var(dim=0, unbiased=True) > threshold
 
 

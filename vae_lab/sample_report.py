@@ -20,7 +20,7 @@ from vae_lab import plots
 from vae_lab.metrics import encode_all
 from vae_lab.options import SAMPLE_METRICS
 from vae_lab.sample_quality import PR_NEIGHBOURS, cached_classifier, class_histogram, features_and_classes, fidelity, kl_to_uniform, latent_probe
-from vae_lab.samplers import decode_images, make_sampler
+from vae_lab.samplers import SamplerUnavailable, decode_images, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def sample_quality(
     with _timed(seconds, "encode_train"):
         train_means = encode_all(model, data.train_images, batch_size)[0] if "gmm" in samplers else None
     with _timed(seconds, "fit_samplers"):
-        fitted = {name: make_sampler(name, model, train_means=train_means, components=gmm_components, seed=seed) for name in samplers}
+        fitted = _fit_samplers(samplers, model, train_means, gmm_components, seed)
     for name, sampler in fitted.items():
         if name != "prior":  # the prior's figure is the reference's random_generation.png
             z = sampler.latents(generation_samples, torch.Generator().manual_seed(seed))
@@ -77,7 +77,7 @@ def sample_quality(
     with _timed(seconds, "features"):
         real_features, _ = features_and_classes(network, data.test_images[:n], batch_size)
         measured = {name: features_and_classes(network, images, batch_size) for name, images in sets.items()}
-    report = {"sample_metric_images": n, "samplers": list(samplers)}
+    report = {"sample_metric_images": n, "samplers": list(fitted)}
     histograms = {}
     with _timed(seconds, "fidelity"):
         for name, (features, classes) in measured.items():
@@ -116,6 +116,17 @@ def log_sample_quality(report: dict) -> None:
     lines.append(f"  latent probe (logistic regression on posterior means): test accuracy {100 * report['latent_probe_accuracy']:.2f} %")
     lines.append(f"  seconds: {report['sample_quality_seconds']}")
     log.info("\n".join(lines))
+
+
+def _fit_samplers(names: list[str], model, train_means, components: int, seed: int) -> dict:
+    """The samplers that can be fitted to what there is; the others are named with why, and left out."""
+    fitted = {}
+    for name in names:
+        try:
+            fitted[name] = make_sampler(name, model, train_means=train_means, components=components, seed=seed)
+        except SamplerUnavailable as why:
+            log.warning("the %s sampler is left out (no random_generation_%s.png, no metrics): %s", name, name, why)
+    return fitted
 
 
 @contextmanager

@@ -14,6 +14,10 @@ import torch
 from vae_lab.options import SAMPLERS
 
 
+class SamplerUnavailable(Exception):
+    """A sampler cannot be fitted to what there is (e.g. too few training codes); the reason is the message."""
+
+
 def prior_latents(model, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """n codes (n, latent_dim) from the model's prior, on the CPU."""
     return model.sample_prior(n, generator=generator).cpu()
@@ -44,6 +48,8 @@ class GaussianMixtureSampler:
     def __init__(self, train_means: torch.Tensor, components: int, seed: int):
         from sklearn.mixture import GaussianMixture
 
+        if len(train_means) < 2:
+            raise SamplerUnavailable(f"a Gaussian mixture needs at least 2 training codes, and there is {len(train_means)}")
         self.mixture = GaussianMixture(n_components=min(components, len(train_means)), covariance_type="full", random_state=seed)
         self.mixture.fit(train_means.detach().cpu().double().numpy())
 
