@@ -11,7 +11,8 @@
 #
 # Settings (environment): VAE_LAB_SLURM_DIR (state folder, default /tmp/vae_lab-slurm),
 # VAE_LAB_SLURM_PORT (first of four ports: slurmctld, slurmd, slurmdbd, MariaDB; default 6817).
-# Exit status: 0 done, 2 this machine cannot host the cluster (the message says why and what to do).
+# Exit status: 0 done, 2 this machine cannot host the cluster (the message says why and what to do),
+# 1 it could, but a daemon did not come up (a real failure: its log is named).
 set -euo pipefail
 
 STATE="${VAE_LAB_SLURM_DIR:-/tmp/vae_lab-slurm}"
@@ -28,6 +29,7 @@ DAEMONS="munged mariadbd slurmdbd slurmctld slurmd"
 
 say() { echo "slurm-local: $*"; }
 cannot() { echo "slurm-local: cannot run the local cluster: $*" >&2; exit 2; }
+failed() { echo "slurm-local: the local cluster failed to start: $*" >&2; exit 1; }
 
 binary_of() {
     case $1 in
@@ -173,13 +175,13 @@ start_slurmctld() { /usr/sbin/slurmctld -f "$STATE/slurm.conf"; }
 start_slurmd() { /usr/sbin/slurmd -f "$STATE/slurm.conf" -N "$NODE"; }
 
 wait_for() {
-    local what=$1 deadline=$((SECONDS + $2))
+    local what=$1 limit=$2 deadline=$((SECONDS + $2))
     shift 2
     while ((SECONDS < deadline)); do
         "$@" >/dev/null 2>&1 && return 0
         sleep 0.5
     done
-    cannot "$what did not come up within ${seconds}s; see $STATE/log/"
+    failed "$what did not come up within ${limit}s; see $STATE/log/"
 }
 
 node_ready() { sinfo --noheader --nodes="$NODE" --format=%t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; }

@@ -98,7 +98,13 @@ CATALOGUE = [
     ("used sweep directory named with an interpolation", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=ROOT/${hydra:job.name}/../sweep"], 2,
      "hydra.sweep.dir=SWEEP already holds files (notes.md); refusing to write over them"),
     ("sweep with a constant subdir", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=CASE", "hydra.sweep.subdir=same"], 2,
-     "hydra.sweep.subdir=same gives every job the same folder (CASE/same), so each job would write over the previous one"),
+     "hydra.sweep.subdir=same gives two jobs of this sweep the same folder (CASE/same), so one would write over the other"),
+    ("sweep subdir that leaves out the swept key", ["-m", "train.alpha=0.1,1.0", "hydra.sweep.dir=CASE", "hydra.sweep.subdir=${hydra.job.override_dirname}",
+                                                    "hydra.job.config.override_dirname.exclude_keys=[train.alpha]"], 2,
+     "gives two jobs of this sweep the same folder (CASE/"),
+    ("sweep subdir by overrides with a repeated value", ["-m", "train.alpha=0.5,0.5", "hydra.sweep.dir=CASE",
+                                                         "hydra.sweep.subdir=${hydra.job.override_dirname}"], 2,
+     "gives two jobs of this sweep the same folder (CASE/"),
     # 7. damaged data is named, never replaced; a resumed run never switches data sets
     ("truncated IDX file", ["data=mnist", "data.root=IDX_TRUNCATED", "data.download=false"], 2,
      "cannot use IDX_TRUNCATED/MNIST/raw/t10k-images-idx3-ubyte: it has 5,000 bytes but its header promises 25,104"),
@@ -133,6 +139,13 @@ CATALOGUE = [
     ("unknown compile backend", ["train.compile=turbo"], 2, "train.compile='turbo' is not a torch.compile backend here: use true, false or one of"),
     ("number as the checkpoint path", ["task=evaluate", "evaluate.checkpoint=123"], 2,
      "evaluate.checkpoint=123 is not allowed: use a path or null (quote a name that looks like a number: 'evaluate.checkpoint=\"123\"')"),
+    ("number as the classifier cache folder", ["evaluate.cache_dir=123"], 2,
+     "evaluate.cache_dir=123 is not allowed: use a path (quote a name that looks like a number"),
+    ("number as the TensorBoard folder", ["logger=tensorboard", "logger.tensorboard.subdir=5"], 2,
+     "logger.tensorboard.subdir=5 is not allowed: use text"),
+    ("number as the MLflow store", ["logger=mlflow", "logger.mlflow.tracking_uri=7"], 2, "logger.mlflow.tracking_uri=7 is not allowed: use text"),
+    ("unknown MLflow setting", ["logger=mlflow", "+logger.mlflow.colour=red"], 2,
+     "logger.mlflow: vae_lab.loggers.MLflowLogger does not accept these settings (got an unexpected keyword argument 'colour')"),
     ("number as the resume path", ["train.resume=5"], 2, "train.resume=5 is not allowed: use a path or null"),
     ("number as the data root", ["data.root=7"], 2, "data.root=7 is not allowed: use a path"),
     ("number as the device", ["device=5"], 2, "device=5 is not allowed: use auto, cpu, cuda, cuda:N or mps"),
@@ -170,6 +183,7 @@ END_TO_END = {
     "unknown key (Hydra)", "unknown group option (Hydra)", "sweep into a used sweep directory", "run directory already used",
     "evaluate into a used run directory", "run directory under a file", "used run directory named with an interpolation",
     "used run directory named in quotes", "evaluate into a training run, by interpolation", "sweep with a constant subdir",
+    "sweep subdir that leaves out the swept key", "sweep subdir by overrides with a repeated value",
     "used sweep directory named with an interpolation",
     "batch size 0", "missing checkpoint", "negative weight decay", "truncated IDX file",
 }
@@ -289,24 +303,35 @@ def run_end_to_end(overrides: list[str], run_dir: Path) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def catalogue_results(files, tmp_path_factory):
-    """Run the whole catalogue: in-process cases one after another, run.py cases four processes at a time."""
-    runs = tmp_path_factory.mktemp("cases")
-    before = digest(files["RUN"])
+class Catalogue:
+    """The catalogue's results, run when a test first asks: in-process cases one at a time, the
+    run.py cases (the slow tier) all together, four processes at a time."""
 
-    def case_files(name):
-        return {**files, "CASE": runs / (folder_name(name) + "_own")}
+    def __init__(self, files: dict, runs: Path):
+        self.files, self.runs, self.results = files, runs, {}
+        self.before = digest(files["RUN"])
 
-    def run(case, runner):
+    def case_files(self, name: str) -> dict:
+        return {**self.files, "CASE": self.runs / (folder_name(name) + "_own")}
+
+    def result(self, name: str) -> tuple[int, str]:
+        if name not in self.results:
+            if name in END_TO_END:
+                with ThreadPoolExecutor(max_workers=4) as pool:
+                    self.results.update(pool.map(lambda case: self._run(case, run_end_to_end),
+                                                 [c for c in CATALOGUE if c[0] in END_TO_END]))
+            else:
+                self.results.update([self._run(next(c for c in CATALOGUE if c[0] == name), run_in_process)])
+        return self.results[name]
+
+    def _run(self, case, runner) -> tuple[str, tuple[int, str]]:
         name, overrides, _, _ = case
-        return name, runner([substitute(o, case_files(name)) for o in overrides], runs / folder_name(name))
+        return name, runner([substitute(o, self.case_files(name)) for o in overrides], self.runs / folder_name(name))
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        end_to_end = pool.map(lambda case: run(case, run_end_to_end), [c for c in CATALOGUE if c[0] in END_TO_END])
-        results = dict(run(case, run_in_process) for case in CATALOGUE if case[0] not in END_TO_END)
-        results.update(end_to_end)
-    return results, runs, before, case_files
+
+@pytest.fixture(scope="module")
+def catalogue(files, tmp_path_factory):
+    return Catalogue(files, tmp_path_factory.mktemp("cases"))
 
 
 def test_the_catalogue_runs_a_few_cases_end_to_end():
@@ -314,15 +339,17 @@ def test_the_catalogue_runs_a_few_cases_end_to_end():
     assert 10 <= len(END_TO_END) <= len(CATALOGUE) // 3
 
 
-@pytest.mark.parametrize("name, overrides, status, message", CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_bad_input_ends_in_one_clear_message(catalogue_results, name, overrides, status, message):
-    results, runs, _, case_files = catalogue_results
-    returncode, output = results[name]
+CASES = [pytest.param(*case, id=case[0], marks=[pytest.mark.slow] if case[0] in END_TO_END else []) for case in CATALOGUE]
+
+
+@pytest.mark.parametrize("name, overrides, status, message", CASES)
+def test_bad_input_ends_in_one_clear_message(catalogue, name, overrides, status, message):
+    returncode, output = catalogue.result(name)
     assert returncode == status, output[-2000:]
     if message is not None:
-        assert substitute(message, case_files(name)) in output
+        assert substitute(message, catalogue.case_files(name)) in output
     assert "Traceback" not in output
-    run_dir = runs / folder_name(name)
+    run_dir = catalogue.runs / folder_name(name)
     if status == 0:  # the run finished: its figures adapted to the small data, or were skipped with the note
         report = json.loads((run_dir / "results" / "metrics.json").read_text())
         assert report["test_images"] >= 1 and (run_dir / "results" / "reconstruction.png").is_file()
@@ -331,18 +358,23 @@ def test_bad_input_ends_in_one_clear_message(catalogue_results, name, overrides,
         assert written <= HYDRA_RECORD | TRAINING_STARTED.get(name, set()), written
 
 
-def test_the_catalogue_overwrote_nothing_and_ran_no_payload(catalogue_results, files):
-    _, _, before, _ = catalogue_results
-    assert digest(files["RUN"]) == before
+def test_the_catalogue_overwrote_nothing_and_ran_no_payload(catalogue, files):
+    assert catalogue.results, "runs after the catalogue's cases"
+    assert digest(files["RUN"]) == catalogue.before
     assert not files["MARKER"].exists()
 
 
-def test_a_sweep_with_a_constant_subdir_wrote_no_job(catalogue_results):
-    _, _, _, case_files = catalogue_results
-    assert not case_files("sweep with a constant subdir")["CASE"].exists()
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sweep with a constant subdir", "sweep subdir that leaves out the swept key",
+                                  "sweep subdir by overrides with a repeated value"])
+def test_a_sweep_whose_jobs_share_a_folder_wrote_no_job(catalogue, name):
+    assert catalogue.result(name)[0] == 2
+    assert not catalogue.case_files(name)["CASE"].exists()
 
 
-def test_summarize_writes_every_readable_job_and_names_the_damaged_one(catalogue_results, files):
+def test_summarize_writes_every_readable_job_and_names_the_damaged_one(catalogue, files):
+    for name in [c[0] for c in CATALOGUE if c[0].startswith("summarize:")]:
+        catalogue.result(name)  # writes the summaries read below
     for key in ("SWEEP_TRUNCATED", "SWEEP_LIST", "SWEEP_BINARY", "SWEEP_HALFROW"):
         with (files[key] / "summary.csv").open() as file:
             rows = list(csv.DictReader(file))
@@ -463,6 +495,19 @@ def test_sigkill_at_any_moment_leaves_a_loadable_last_checkpoint(tmp_path, delay
 # --- 3 and 12: one process per run directory; a refused start does not block its retry ------------
 
 
+def test_the_directory_guard_fails_closed(capsys, caplog):
+    """Hydra turns a callback's exception into a warning and runs on: the guard must stop instead."""
+    from omegaconf import OmegaConf
+
+    from vae_lab.rundir import RunDirectoryGuard
+
+    broken = OmegaConf.create({"hydra": {"run": {"dir": "${no_such_key}"}, "output_subdir": ".hydra"}})
+    with pytest.raises(SystemExit) as stopped:
+        RunDirectoryGuard().on_run_start(broken)
+    assert stopped.value.code == 2
+    assert "could not check the run directory" in capsys.readouterr().err + caplog.text  # stderr, or Hydra's log
+
+
 def test_a_second_process_is_refused_naming_the_first_and_a_killed_holder_frees_the_directory(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
@@ -488,15 +533,17 @@ def test_a_second_process_is_refused_naming_the_first_and_a_killed_holder_frees_
 
 
 @pytest.mark.slow
-def test_a_refused_command_does_not_block_its_corrected_retry(tmp_path):
+@pytest.mark.parametrize("record", [".hydra", "my_record"])  # Hydra's default record folder, and one the user named
+def test_a_refused_command_does_not_block_its_corrected_retry(tmp_path, record):
     run_dir = tmp_path / "run"
-    refused = subprocess.run([sys.executable, "run.py", *TINY, "train.batch_size=0", f"hydra.run.dir={run_dir}"],
+    where = [f"hydra.run.dir={run_dir}", f"hydra.output_subdir={record}"]
+    refused = subprocess.run([sys.executable, "run.py", *TINY, "train.batch_size=0", *where],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and (run_dir / ".hydra" / "overrides.yaml").is_file()
-    retried = subprocess.run([sys.executable, "run.py", *TINY, "train.epochs=1", "data.limit=32", f"hydra.run.dir={run_dir}"],
+    assert refused.returncode == 2 and (run_dir / record / "overrides.yaml").is_file()
+    retried = subprocess.run([sys.executable, "run.py", *TINY, "train.epochs=1", "data.limit=32", *where],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert retried.returncode == 0, retried.stderr[-2000:]
-    assert "train.batch_size=0" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # the record is the retry's
+    assert "train.batch_size=0" not in (run_dir / record / "overrides.yaml").read_text()  # the record is the retry's
     assert (run_dir / "metrics.csv").is_file()
 
 

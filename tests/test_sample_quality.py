@@ -66,6 +66,15 @@ def test_the_classifier_is_seeded(tiny_data):
     assert torch.equal(features_and_classes(first, images, 64)[0], features_and_classes(second, images, 64)[0])
 
 
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 20, 20), (1, 5, 7)])
+def test_the_classifier_takes_images_of_any_shape(shape):
+    images = torch.rand(64, *shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(64) % 10
+    network = train_classifier(images, labels, 10, CPU)
+    features, classes = features_and_classes(network, images, 32)
+    assert features.shape == (64, sample_quality.FEATURES) and classes.shape == (64,)
+
+
 def test_the_cache_is_reused_invalidated_by_other_data_and_rebuilt_when_corrupt(tiny_data, tmp_path, monkeypatch, caplog):
     trained = []
     real_training = sample_quality.train_classifier

@@ -23,42 +23,6 @@ METRIC_COLUMNS = (
 )
 
 
-class Loggers:
-    """metrics.csv and the loggers switched on in the config, called in turn.
-
-    tensorboard, mlflow: the keyword arguments of TensorBoardLogger / MLflowLogger, or
-    None for off. (Settings rather than nested `_target_`s: a checkpoint's config may
-    name a class only at the top of a group.)
-    """
-
-    def __init__(self, run_dir: Path, tensorboard: Mapping | None = None, mlflow: Mapping | None = None):
-        self.loggers = [CSVLogger(run_dir)]
-        if tensorboard is not None:
-            self.loggers.append(TensorBoardLogger(run_dir, **tensorboard))
-        if mlflow is not None:
-            self.loggers.append(MLflowLogger(run_dir, **mlflow))
-
-    def start(self, history: list[dict], config: dict | None = None) -> None:
-        for logger in self.loggers:
-            logger.start(history, config)
-
-    def log_epoch(self, row: dict) -> None:
-        for logger in self.loggers:
-            logger.log_epoch(row)
-
-    def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:
-        for logger in self.loggers:
-            logger.log_images(tag, grid, epoch)
-
-    def log_report(self, report: dict, results_dir: Path) -> None:
-        for logger in self.loggers:
-            logger.log_report(report, results_dir)
-
-    def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
-
-
 class CSVLogger:
     """metrics.csv in the run directory: a header, then one row per epoch, flushed as it comes."""
 
@@ -231,3 +195,42 @@ def _sqlite_folder(tracking_uri: str) -> Path | None:
 
 def _milliseconds() -> int:
     return int(time.time() * 1000)
+
+
+class Loggers:
+    """metrics.csv and the loggers switched on in the config, called in turn.
+
+    tensorboard, mlflow: the keyword arguments of TensorBoardLogger / MLflowLogger, or
+    None for off. (Settings rather than nested `_target_`s: a checkpoint's config may
+    name a class only at the top of a group.) `settings_of` names the class each mapping's
+    keys go to: the config validation checks them against its signature.
+    """
+
+    settings_of = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+
+    def __init__(self, run_dir: Path, tensorboard: Mapping | None = None, mlflow: Mapping | None = None):
+        self.loggers = [CSVLogger(run_dir)]
+        if tensorboard is not None:
+            self.loggers.append(TensorBoardLogger(run_dir, **tensorboard))
+        if mlflow is not None:
+            self.loggers.append(MLflowLogger(run_dir, **mlflow))
+
+    def start(self, history: list[dict], config: dict | None = None) -> None:
+        for logger in self.loggers:
+            logger.start(history, config)
+
+    def log_epoch(self, row: dict) -> None:
+        for logger in self.loggers:
+            logger.log_epoch(row)
+
+    def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:
+        for logger in self.loggers:
+            logger.log_images(tag, grid, epoch)
+
+    def log_report(self, report: dict, results_dir: Path) -> None:
+        for logger in self.loggers:
+            logger.log_report(report, results_dir)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()

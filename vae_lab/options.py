@@ -65,6 +65,8 @@ class EvaluateSettings:
     gmm_components: int
     sample_metrics: bool
     sample_count: int
+    samplers: list
+    cache_dir: Path
 
 
 @dataclass

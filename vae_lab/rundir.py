@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import functools
 import logging
 import os
 import sys
@@ -25,7 +26,8 @@ from vae_lab.errors import VaeLabError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".vae_lab.lock"
-# What a start that was refused (or crashed before any work) leaves behind: not a run.
+# What a start that was refused (or crashed before any work) leaves behind: not a run
+# (run_record names Hydra's record folder and log file as this config sets them).
 RUN_RECORD = frozenset({".hydra", "run.log", LOCK_FILE})
 SWEEP_RECORD = frozenset({LOCK_FILE})
 USER_ERROR_EXIT = 2
@@ -65,6 +67,19 @@ def claim(folder: Path, setting: str, record: frozenset = RUN_RECORD):
     return lock
 
 
+def run_record(config: DictConfig) -> frozenset:
+    """RUN_RECORD with the names this config gives Hydra's record (hydra.output_subdir) and log file."""
+    names = {LOCK_FILE, "run.log"}
+    subdir = OmegaConf.select(config, "hydra.output_subdir")
+    if subdir:
+        names.add(Path(str(subdir)).parts[0])
+    handler = OmegaConf.select(config, "hydra.job_logging.handlers.file", default=None)
+    if isinstance(handler, DictConfig) and "filename" in handler:
+        # The raw text: it interpolates the output directory, which is not known yet; the name is its last part.
+        names.add(Path(str(OmegaConf.to_container(handler, resolve=False)["filename"])).name)
+    return frozenset(names)
+
+
 def leftovers(folder: Path, record: frozenset = RUN_RECORD) -> list[str]:
     """The entries of `folder` that are more than the record of a refused start."""
     if not folder.is_dir():
@@ -92,28 +107,80 @@ def _create(folder: Path, setting: str) -> None:
         raise RunDirectoryError(f"{setting}={folder}: cannot create it ({why}). Choose a writable folder.") from None
 
 
-def shared_job_folder(config: DictConfig) -> str | None:
-    """The job folder two different jobs of this sweep would both get, if hydra.sweep.subdir gives them one.
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
-    The subdir is resolved for two made-up jobs that differ in number, id and overrides;
-    a value that does not change would make every job write over the previous one.
+
+def shared_job_folder(config: DictConfig) -> str | None:
+    """A job folder that two jobs of this sweep would both get; None when every job gets its own.
+
+    For Hydra's basic sweeper (grid sweeps, `-m a=1,2`) the subdir is resolved for every
+    job it will launch, with each job's number, id and override_dirname computed as Hydra
+    computes them: a subdir built from override_dirname with exclude_keys, or repeated
+    sweep values, are caught too. For other sweepers (Optuna), whose jobs are not known
+    in advance, two made-up jobs that differ in number, id and overrides are resolved.
     """
-    probe = copy.deepcopy(config)
-    folders = []
+    jobs = _basic_sweep_jobs(config)
+    if jobs is None:
+        jobs = [["probe=0"], ["probe=1"]]
+    seen: dict[str, int] = {}
     previous = HydraConfig.instance().cfg
     try:
-        for number in (0, 1):
-            with read_write(probe.hydra.job), open_dict(probe.hydra.job):
-                probe.hydra.job.num = number
-                probe.hydra.job.id = f"probe_{number}"
-                probe.hydra.job.override_dirname = f"probe={number}"
-            HydraConfig.instance().set_config(probe)  # for ${hydra:...} in the subdir
-            folders.append(str(OmegaConf.select(probe, "hydra.sweep.subdir")))
+        for number, overrides in enumerate(jobs):
+            folder = _job_subdir(config, number, overrides)
+            if folder in seen:
+                return folder
+            seen[folder] = number
     except Exception:  # a subdir only a real job can resolve: the per-job check still guards it
         return None
     finally:
         HydraConfig.instance().cfg = previous
-    return folders[0] if folders[0] == folders[1] else None
+    return None
+
+
+def _basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The overrides of every job Hydra's basic sweeper will launch, in order; None for another sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if OmegaConf.select(config, "hydra.sweeper._target_") != BASIC_SWEEPER:
+        return None
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def _job_subdir(config: DictConfig, number: int, overrides: list[str]) -> str:
+    """hydra.sweep.subdir as it resolves for job `number` with these overrides."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    naming = config.hydra.job.config.override_dirname
+    probe = copy.deepcopy(config)
+    with read_write(probe.hydra.job), open_dict(probe.hydra.job):
+        probe.hydra.job.num = number
+        probe.hydra.job.id = f"probe_{number}"
+        probe.hydra.job.override_dirname = get_overrides_dirname(
+            OverridesParser.create().parse_overrides(overrides), list(naming.exclude_keys), naming.item_sep, naming.kv_sep)
+    HydraConfig.instance().set_config(probe)  # for ${hydra:...} in the subdir
+    return str(OmegaConf.select(probe, "hydra.sweep.subdir"))
+
+
+def _fail_closed(hook):
+    """Hydra turns an exception in a callback into a warning and goes on; for this guard that would
+    mean writing unguarded. Any error it did not foresee stops the command instead, with exit 2."""
+
+    @functools.wraps(hook)
+    def guarded(self, config: DictConfig, **kwargs) -> None:
+        try:
+            hook(self, config, **kwargs)
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            _refuse(f"could not check the run directory ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                    "stopped before the run, so that nothing is written unguarded. Check hydra.run.dir / hydra.sweep.*.")
+
+    return guarded
 
 
 class RunDirectoryGuard(Callback):
@@ -125,32 +192,35 @@ class RunDirectoryGuard(Callback):
     def __getstate__(self) -> dict:
         return {"_locks": {}}  # a lock belongs to the process that took it (launchers pickle callbacks)
 
+    @_fail_closed
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir
         folder = Path(os.path.normpath(Path(str(config.hydra.run.dir)).expanduser().absolute()))
-        self._claim("run", folder, "hydra.run.dir", RUN_RECORD)
+        self._claim("run", folder, "hydra.run.dir", run_record(config))
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self._release("run")
 
+    @_fail_closed
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)
         folder = Path(os.path.normpath(Path(str(config.hydra.sweep.dir)).expanduser().absolute()))
         shared = shared_job_folder(config)
         if shared is not None:
             raw = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
-            _refuse(f"hydra.sweep.subdir={raw} gives every job the same folder ({folder / shared}), so each job would "
-                    "write over the previous one. Keep the default ${hydra.job.num}, or include it in the subdir.")
+            _refuse(f"hydra.sweep.subdir={raw} gives two jobs of this sweep the same folder ({folder / shared}), so one "
+                    "would write over the other. Keep the default ${hydra.job.num}, or include it in the subdir.")
         self._claim("sweep", folder, "hydra.sweep.dir", SWEEP_RECORD | {"multirun.yaml"})
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self._release("sweep")
 
+    @_fail_closed
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             return  # the run directory was claimed in on_run_start
         # Hydra has just written this job's .hydra/ and run.log here; anything else is another job's.
-        self._claim("job", Path(config.hydra.runtime.output_dir), "job directory", RUN_RECORD)
+        self._claim("job", Path(config.hydra.runtime.output_dir), "job directory", run_record(config))
 
     def on_job_end(self, config: DictConfig, **kwargs) -> None:
         self._release("job")

@@ -139,6 +139,11 @@ def _bind_target(node: DictConfig, where: str) -> None:
         function = _import_target(target)
     except (ImportError, AttributeError, ValueError) as error:
         raise ConfigError(f"{where}._target_={target!r} cannot be imported ({error}): check the module and name") from None
+    _bind_arguments(function, node, where, target)
+
+
+def _bind_arguments(function, node: DictConfig, where: str, target: str) -> None:
+    """The keys of `node` (but `_target_` and the like) as keyword arguments of `function`."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -149,12 +154,17 @@ def _bind_target(node: DictConfig, where: str) -> None:
         # the prior's latent size); a missing one fails the dry build, which supplies them.
         signature.bind_partial(**arguments)
     except TypeError as error:
-        raise ConfigError(f"{where}: {target} does not accept these settings ({error}); see its config file under conf/{where}/") from None
+        group = where.split(".")[0]
+        raise ConfigError(f"{where}: {target} does not accept these settings ({error}); see its config file under conf/{group}/") from None
     hints = _type_hints(function)
+    settings_of = getattr(function, "settings_of", {})  # a mapping argument whose keys another class receives
     for key in arguments:
         value = node[key]
         if isinstance(value, DictConfig) and "_target_" in value:
             _bind_target(value, f"{where}.{key}")
+        elif isinstance(value, DictConfig) and key in settings_of:
+            receiver = settings_of[key]
+            _bind_arguments(receiver, value, f"{where}.{key}", f"{receiver.__module__}.{receiver.__qualname__}")
         elif key in hints:
             _check_value(f"{where}.{key}", OmegaConf.select(node, key), hints[key])
 
