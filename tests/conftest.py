@@ -35,6 +35,7 @@ TINY = [
     "evaluate.embedding_points=256",
     "evaluate.reconstruction_rows=2",
     "evaluate.generation_samples=32",
+    "evaluate.sample_metrics=false",  # on by default for users; tests/test_sample_quality.py switches it on
 ]
 
 

@@ -115,6 +115,7 @@ def test_a_config_that_could_build_something_is_refused_before_anything_is_built
     assert not (tmp_path / "resumed" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_the_resolver_exploit_through_run_py_is_one_line_and_exit_2(state, victim, tmp_path):
     crafted = craft(with_config(state, lambda c: c["model"].update(latent_dim=RESOLVER.replace("VICTIM", str(victim)))), tmp_path / "x.pt")
     result = subprocess.run(
@@ -259,6 +260,7 @@ def assert_stopped_at_epoch_1(run: Path, message: str) -> None:
     assert [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]] == ["1"]
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_is_one_line_naming_the_epoch_and_the_checkpoint_to_resume_from(small_disk):
     run = small_disk / "run"  # last.pt (1.2 MB) fits once, not twice: epoch 2's save fails
     result = subprocess.run([sys.executable, "run.py", *TINY, "data.limit=64", f"hydra.run.dir={run}"],

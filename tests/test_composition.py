@@ -41,7 +41,7 @@ COMBINATIONS = [
 
 
 @pytest.mark.parametrize("prior, objective, likelihood", COMBINATIONS)
-def test_every_combination_trains_and_resumes_bit_exactly(tmp_path, prior, objective, likelihood):
+def test_every_combination_trains_resumes_bit_exactly_and_evaluates(tmp_path, prior, objective, likelihood):
     straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
     run_task(small(prior, objective, likelihood, "train.epochs=2", "train.kl_warmup_epochs=2"), straight)
     run_task(small(prior, objective, likelihood, "train.epochs=1", "train.kl_warmup_epochs=2"), first)
@@ -55,6 +55,12 @@ def test_every_combination_trains_and_resumes_bit_exactly(tmp_path, prior, objec
         assert "likelihood.log_scale" in expected
     if prior != "normal":
         assert any(key.startswith("prior.") for key in expected)
+    # The resumed checkpoint evaluates, rebuilt from its own config, to the -ELBO its last epoch logged.
+    run_task(compose_config("task=evaluate", f"evaluate.checkpoint={resumed}", "evaluate.samplers=[prior]",
+                            "evaluate.sample_metrics=false", "evaluate.iw_samples=2", "evaluate.batch_size=32"), tmp_path / "evaluated")
+    report = json.loads((tmp_path / "evaluated" / "results" / "metrics.json").read_text())
+    last = load_checkpoint(resumed / "checkpoints" / "last.pt")["history"][-1]
+    assert report["neg_elbo"] == pytest.approx(last["test_recon"] + last["test_kl"], abs=1e-4, rel=1e-6)  # warm-up or not
 
 
 @pytest.mark.parametrize("prior, objective, likelihood", [

@@ -26,7 +26,7 @@ def plain(tmp_path_factory):
     ("train.amp=true", 1e-2),          # bfloat16 keeps 8 bits of mantissa
     ("train.channels_last=true", 1e-3),
     ("optim.fused=true", 1e-3),
-    ("train.compile=aot_eager", 1e-3),  # dynamo capture + AOT autograd, without a C++ build
+    pytest.param("train.compile=aot_eager", 1e-3, marks=pytest.mark.slow),  # dynamo capture + AOT autograd, without a C++ build
 ])
 def test_fast_path_trains_to_the_plain_losses(make_cfg, tmp_path, plain, option, tolerance):
     run_task(make_cfg(*SMALL, option), tmp_path)

@@ -457,6 +457,7 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
 SLOW_RUN = ["train.epochs=30", "data.limit=128", "train.batch_size=16", "train.checkpoint_every=1000", "train.plot_every=1000"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_checkpoint_and_resuming_gives_the_same_weights(tmp_path):
     interrupted = tmp_path / "interrupted"
     process = start_training(interrupted, *SLOW_RUN)
@@ -478,6 +479,7 @@ def test_sigterm_stops_at_a_checkpoint_and_resuming_gives_the_same_weights(tmp_p
         assert torch.equal(tensor, expected[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.13, 0.41])
 def test_sigkill_at_any_moment_leaves_a_loadable_last_checkpoint(tmp_path, delay):
     run_dir = tmp_path / "run"
@@ -508,6 +510,7 @@ def test_the_directory_guard_fails_closed(capsys, caplog):
     assert "could not check the run directory" in capsys.readouterr().err + caplog.text  # stderr, or Hydra's log
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_naming_the_first_and_a_killed_holder_frees_the_directory(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
@@ -600,6 +603,7 @@ def catches_sigterm(pid: int) -> bool:
     return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc to see when the command's own code runs")
 def test_ctrl_c_during_startup_is_one_line(tmp_path):
     run_dir = tmp_path / "run"

@@ -124,7 +124,7 @@ def test_gmm_sampler_is_seeded_and_follows_the_codes():
 
 def test_every_metric_reaches_metrics_json_the_log_and_summary_csv(make_cfg, tmp_path):
     job = tmp_path / "sweep" / "0"
-    run_task(make_cfg("train.epochs=1", "train.evaluate_at_end=true", "evaluate.sample_count=200"), job)
+    run_task(make_cfg("train.epochs=1", "train.evaluate_at_end=true", "evaluate.sample_metrics=true", "evaluate.sample_count=200"), job)
     results = job / "results"
     report = json.loads((results / "metrics.json").read_text())
     keys = sample_metric_keys()
