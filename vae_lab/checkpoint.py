@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from vae_lab.errors import CheckpointError, ConfigError
+from vae_lab.layout import RunLayout
 from vae_lab.loggers import METRIC_COLUMNS
 from vae_lab.runtime import build_vae
 from vae_lab.validate import validate
@@ -243,11 +244,12 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run directory (its checkpoints/last.pt)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+        layout = RunLayout(path)
+        for candidate in (layout.last_checkpoint, path / layout.last_checkpoint.name):  # a run, or its checkpoints/
             if os.path.lexists(candidate):  # whatever it is: reading it says if it is not a regular file
                 return candidate
-        if (path / "checkpoints").is_dir():  # a run killed during its first save
-            remove_stale_temporaries(path / "checkpoints")
+        if layout.checkpoints.is_dir():  # a run killed during its first save
+            remove_stale_temporaries(layout.checkpoints)
         raise CheckpointError(
             f"{path} is a folder without checkpoints (looked for checkpoints/last.pt and last.pt). "
             "Pass a checkpoint file or a training run's directory."

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lab.errors import VaeLabError
+from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.outcome import TaskOutcome, closing_block
 from vae_lab.validate import validate
 
@@ -212,7 +213,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
     finally:
         status["seconds"] = round(time.perf_counter() - started, 3)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "job.json").write_text(json.dumps(status, indent=2) + "\n")
+        RunLayout(run_dir).job_file.write_text(json.dumps(status, indent=2) + "\n")
     if interrupted is not None:
         _stop_sweep(sweep_dir, run_dir, interrupted)
     return value
@@ -233,7 +234,7 @@ def _stop_sweep(sweep_dir: Path, run_dir: Path, number: int) -> None:
     done = sum(row["status"] == "completed" for row in rows)
     log.error(
         "sweep interrupted by %s in job %s: %d job(s) completed; the summary of what finished is in %s. "
-        "Later jobs were not started.", signal.Signals(number).name, run_dir.name, done, sweep_dir / "summary.md",
+        "Later jobs were not started.", signal.Signals(number).name, run_dir.name, done, SweepLayout(sweep_dir).summary_md,
     )
     sys.exit(128 + number)
 
@@ -247,7 +248,8 @@ def signal_number(interrupt: KeyboardInterrupt) -> int:
 def _interrupted_message(number: int, task: str, run_dir: Path) -> str:
     message = (f"interrupted by {signal.Signals(number).name} before task={task} finished. Every file written is "
                "complete: checkpoints are renamed into place, results/ is complete or absent.")
-    if task == "train" and (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "results").exists():
+    layout = RunLayout(run_dir)
+    if task == "train" and layout.last_checkpoint.is_file() and not layout.results.exists():
         message += f" Training had finished; evaluate it with: python run.py task=evaluate evaluate.checkpoint={run_dir}"
     return message
 

@@ -22,6 +22,7 @@ from vae_lab import plots
 from vae_lab.checkpoint import data_config_here, load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.layout import REPORT_FILE, RunLayout
 from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
 from vae_lab.outcome import TaskOutcome, evaluation_outcome
 from vae_lab.runtime import build, build_vae, resolve_device
@@ -41,7 +42,7 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
             "evaluate.checkpoint is not set: pass evaluate.checkpoint=PATH, a checkpoint file "
             "or a training run's directory (e.g. outputs/<date>/<time>)."
         )
-    return evaluation_outcome(run_dir, evaluate_checkpoint(cfg, cfg.evaluate.checkpoint, run_dir / "results"))
+    return evaluation_outcome(run_dir, evaluate_checkpoint(cfg, cfg.evaluate.checkpoint, RunLayout(run_dir).results))
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Path) -> dict:
@@ -107,7 +108,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
                 cache_dir=ev.cache_dir, seed=cfg.seed, generation_samples=ev.generation_samples, images_per_row=ev.images_per_row,
             ))
             report["seconds"] = round(time.perf_counter() - started, 3)
-            (folder / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     except OSError as error:
         raise VaeLabError(
             f"cannot write the results to {results_dir}: {error.strerror or error}. "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LOCK_FILE = ".vae_lab.lock"
-STAGING_PREFIX = ".results-"  # results/ is written under this hidden name, then renamed
+REPORT_FILE = "metrics.json"  # the evaluation's report, in results/ (or wherever an evaluation writes)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class RunLayout:
 
     @property
     def report(self) -> Path:
-        return self.results / "metrics.json"
+        return self.results / REPORT_FILE
 
     @property
     def metrics_csv(self) -> Path:

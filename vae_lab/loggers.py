@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from vae_lab.errors import VaeLabError
+from vae_lab.layout import RunLayout
 
 METRIC_COLUMNS = (
     "epoch", "lr", "train_loss", "train_recon", "train_kl",
@@ -27,7 +28,7 @@ class CSVLogger:
     """metrics.csv in the run directory: a header, then one row per epoch, flushed as it comes."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "metrics.csv"
+        self.path = RunLayout(Path(run_dir)).metrics_csv
 
     def start(self, history: list[dict], config: dict | None = None) -> None:
         """Begin the log with the rows of earlier epochs (those of a resumed run).
@@ -155,12 +156,12 @@ class MLflowLogger:
                    if isinstance(value, (int, float)) and not isinstance(value, bool)]
         self.client.log_batch(self.run_id, metrics=numbers)
         if Path(results_dir).is_dir():
-            self.client.log_artifacts(self.run_id, str(results_dir), "results")
+            self.client.log_artifacts(self.run_id, str(results_dir), RunLayout(self.run_dir).results.name)
 
     def close(self) -> None:
-        curves = self.run_dir / "progress" / "loss_curves.png"
+        curves = RunLayout(self.run_dir).loss_curves
         if curves.is_file():
-            self.client.log_artifact(self.run_id, str(curves), "progress")
+            self.client.log_artifact(self.run_id, str(curves), curves.parent.name)
         self.client.set_terminated(self.run_id, _run_status(sys.exc_info()[1]))
 
 

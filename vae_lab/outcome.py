@@ -9,6 +9,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vae_lab.layout import RunLayout, SweepLayout
+
+RELATIVE = RunLayout(Path())  # the run directory's names, relative to it
 # The reference project's three figures, the first things to look at after a run.
 REFERENCE_FIGURES = ("reconstruction.png", "random_generation.png", "latent_embedding.png")
 
@@ -26,11 +29,11 @@ def training_outcome(run_dir: Path, value: float, last_epoch: dict, report: dict
     if report is not None:
         return TaskOutcome(
             value, Path(run_dir),
-            (*(f"results/{name}" for name in REFERENCE_FIGURES), "results/metrics.json", "progress/loss_curves.png"),
+            (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report), str(RELATIVE.loss_curves)),
             _report_numbers(report),
         )
     return TaskOutcome(
-        value, Path(run_dir), ("progress/", "progress/loss_curves.png", "metrics.csv"),
+        value, Path(run_dir), (f"{RELATIVE.progress}/", str(RELATIVE.loss_curves), str(RELATIVE.metrics_csv)),
         {
             "test -ELBO": f"{last_epoch['test_recon'] + last_epoch['test_kl']:.2f} nats",
             "test loss": f"{last_epoch['test_loss']:.2f}",
@@ -42,7 +45,7 @@ def training_outcome(run_dir: Path, value: float, last_epoch: dict, report: dict
 def evaluation_outcome(run_dir: Path, report: dict) -> TaskOutcome:
     return TaskOutcome(
         report["neg_elbo"], Path(run_dir),
-        (*(f"results/{name}" for name in REFERENCE_FIGURES), "results/metrics.json"),
+        (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report)),
         _report_numbers(report),
     )
 
@@ -54,7 +57,8 @@ def summary_outcome(sweep_dir: Path, value: float, rows: list[dict], metric: str
     if scored:
         best = min(scored, key=lambda row: row[metric])
         headline[f"best {metric}"] = f"{best[metric]:.2f} (job {best['job']})"
-    return TaskOutcome(value, Path(sweep_dir), ("summary.md", "summary.png", "summary.csv"), headline)
+    names = SweepLayout(Path())
+    return TaskOutcome(value, Path(sweep_dir), (str(names.summary_md), str(names.summary_png), str(names.summary_csv)), headline)
 
 
 def _report_numbers(report: dict) -> dict[str, str]:

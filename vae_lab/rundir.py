@@ -22,10 +22,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vae_lab.errors import VaeLabError
+from vae_lab.layout import LOCK_FILE
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".vae_lab.lock"
 # What a start that was refused (or crashed before any work) leaves behind: not a run
 # (run_record names Hydra's record folder and log file as this config sets them).
 RUN_RECORD = frozenset({".hydra", "run.log", LOCK_FILE})

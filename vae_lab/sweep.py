@@ -19,12 +19,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.outcome import TaskOutcome, summary_outcome
 from vae_lab.options import sample_metric_keys
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "job.json"  # written by the CLI for every multirun job: status, error, seconds
+
 METRICS = ("neg_elbo", "recon", "kl", "iw_nll", "active_units", "objective")
 MAIN_METRIC = "neg_elbo"
 # Every sample-quality metric goes to summary.csv; the Markdown table keeps to these.
@@ -60,7 +61,7 @@ def summarize(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     if not sweep_dir:
         raise ConfigError("summarize.sweep_dir is not set: pass summarize.sweep_dir=multirun/<date>/<time>")
     rows, swept = write_summary(Path(sweep_dir))
-    log.info("summary of %d jobs written to %s\n%s", len(rows), Path(sweep_dir) / "summary.md", markdown_table(rows, swept))
+    log.info("summary of %d jobs written to %s\n%s", len(rows), SweepLayout(Path(sweep_dir)).summary_md, markdown_table(rows, swept))
     damaged = [row for row in rows if row["status"] == UNREADABLE]
     if damaged:
         raise SweepDamaged(
@@ -93,12 +94,13 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     rows = [_readable_job_row(job) for job in jobs]
     swept = swept_keys(rows)
     columns = ["job", "status", *swept, *METRICS, *sample_metric_keys(), "epochs", "seconds", "error", "overrides"]
-    with (sweep_dir / "summary.csv").open("w", newline="") as file:
+    layout = SweepLayout(sweep_dir)
+    with layout.summary_csv.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{markdown_table(rows, swept)}\n")
-    _plot(rows, swept, sweep_dir / "summary.png")
+    layout.summary_md.write_text(f"# Sweep {sweep_dir}\n\n{markdown_table(rows, swept)}\n")
+    _plot(rows, swept, layout.summary_png)
     return rows, swept
 
 
@@ -120,13 +122,14 @@ def job_row(job_dir: Path) -> dict:
     overrides = _read_structured(job_dir, ".hydra/overrides.yaml", yaml.safe_load, list, "a list of overrides") or []
     row = {"job": job_dir.name, "overrides": " ".join(map(str, overrides)),
            "params": dict(str(o).split("=", 1) for o in overrides if "=" in str(o))}
-    status = _read_structured(job_dir, JOB_FILE, json.loads, dict, "a JSON object") if (job_dir / JOB_FILE).is_file() else {}
+    job_file = RunLayout(job_dir).job_file
+    status = _read_structured(job_dir, job_file.name, json.loads, dict, "a JSON object") if job_file.is_file() else {}
     row["status"] = status.get("status", "not finished")
     row["error"] = status.get("error", "")
     row["seconds"] = status.get("seconds", "")
-    history = _read_metrics(job_dir / "metrics.csv")
+    history = _read_metrics(RunLayout(job_dir).metrics_csv)
     row["epochs"] = int(history[-1]["epoch"]) if history else 0
-    results = job_dir / "results" / "metrics.json"
+    results = RunLayout(job_dir).report
     if results.is_file():
         report = _read_structured(job_dir, "results/metrics.json", json.loads, dict, "a JSON object")
         row.update({key: report.get(key, "") for key in (*METRICS, *sample_metric_keys())})

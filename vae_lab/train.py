@@ -27,6 +27,7 @@ from vae_lab.checkpoint import (
 from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.layout import RunLayout
 from vae_lab.objectives import Objective
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
@@ -81,7 +82,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         data.name, len(data.train_images), len(data.test_images), run_dir,
     )
     config = plain_config(cfg)
-    checkpoints = run_dir / "checkpoints"
+    layout = RunLayout(run_dir)
     logger = build(cfg.logger)(run_dir)
     logger.start(history, config)
     progress_images = data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row]
@@ -109,28 +110,28 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
                 history.append(row)
                 # The checkpoint first: after a kill between the two, metrics.csv is behind
                 # last.pt (and a resumed run rewrites it from the checkpoint), never ahead.
-                save_checkpoint(state(epoch), checkpoints / "last.pt")
+                save_checkpoint(state(epoch), layout.last_checkpoint)
                 saved_epoch = epoch
                 logger.log_epoch(row)
                 if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
-                    save_checkpoint(state(epoch), checkpoints / f"model_{epoch}.pt")
+                    save_checkpoint(state(epoch), layout.epoch_checkpoint(epoch))
                 if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
-                    _progress_images(model, progress_images, run_dir / "progress", epoch, cfg, logger)
-            plots.loss_curves(history, run_dir / "progress" / "loss_curves.png")
+                    _progress_images(model, progress_images, layout.progress, epoch, cfg, logger)
+            plots.loss_curves(history, layout.loss_curves)
     except NonFiniteLossError as error:
         raise VaeLabError(
-            f"training diverged: {error} of epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} "
+            f"training diverged: {error} of epoch {epoch}. {_where_to_resume(layout, saved_epoch, cfg.train.epochs)} "
             "Lower optim.lr (or train.alpha) before continuing."
         ) from error
     except OSError as error:  # a full disk, a folder that became unwritable (save_checkpoint raises OSError for both)
         raise VaeLabError(
             f"cannot write to {getattr(error, 'filename', None) or run_dir} in epoch {epoch}: {error.strerror or error}. "
-            f"{_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)} Free space or fix permissions first."
+            f"{_where_to_resume(layout, saved_epoch, cfg.train.epochs)} Free space or fix permissions first."
         ) from error
     except KeyboardInterrupt as interrupt:
         number = interrupt.args[0] if interrupt.args else signal.SIGINT
         raise TrainingInterrupted(
-            f"interrupted during epoch {epoch}. {_where_to_resume(checkpoints, saved_epoch, cfg.train.epochs)}", int(number)
+            f"interrupted during epoch {epoch}. {_where_to_resume(layout, saved_epoch, cfg.train.epochs)}", int(number)
         ) from None
     finally:
         logger.close()
@@ -141,8 +142,8 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     if cfg.train.evaluate_at_end:
         from vae_lab.evaluate import evaluate_checkpoint
 
-        report = evaluate_checkpoint(cfg, checkpoints / "last.pt", run_dir / "results")
-        logger.log_report(report, run_dir / "results")
+        report = evaluate_checkpoint(cfg, layout.last_checkpoint, layout.results)
+        logger.log_report(report, layout.results)
     value = final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
     return training_outcome(run_dir, value, final, report)
 
@@ -237,7 +238,8 @@ def _compiled(function, setting: bool | str):
 
 
 def _refuse_used_run_dir(run_dir: Path) -> None:
-    if (run_dir / "metrics.csv").exists() or (run_dir / "checkpoints").exists():
+    layout = RunLayout(run_dir)
+    if layout.metrics_csv.exists() or layout.checkpoints.exists():
         raise VaeLabError(
             f"{run_dir} already holds a training run; refusing to write over it. "
             "Pick a new directory (hydra.run.dir=...) or let Hydra make one."
@@ -294,10 +296,10 @@ def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict:
     }
 
 
-def _where_to_resume(checkpoints: Path, saved_epoch: int, epochs: int) -> str:
+def _where_to_resume(layout: RunLayout, saved_epoch: int, epochs: int) -> str:
     if saved_epoch == 0:
         return "No checkpoint was written."
-    last = checkpoints / "last.pt"
+    last = layout.last_checkpoint
     return f"{last} holds epoch {saved_epoch}; continue with: python run.py task=train train.resume={last} train.epochs={epochs}"
 
 
