@@ -11,7 +11,7 @@ from vae_lab import sample_quality
 from vae_lab.cli import run_task
 from vae_lab.data import load_dataset
 from vae_lab.errors import ConfigError
-from vae_lab.options import sample_metric_keys
+from vae_lab.options import LIKELIHOOD_METRICS, sample_metric_keys
 from vae_lab.sample_quality import cached_classifier, features_and_classes, fidelity, kl_to_uniform, train_classifier
 from vae_lab.samplers import GaussianMixtureSampler
 from vae_lab.sweep import write_summary
@@ -127,8 +127,8 @@ def test_every_metric_reaches_metrics_json_the_log_and_summary_csv(make_cfg, tmp
     run_task(make_cfg("train.epochs=1", "train.evaluate_at_end=true", "evaluate.sample_metrics=true", "evaluate.sample_count=200"), job)
     results = job / "results"
     report = json.loads((results / "metrics.json").read_text())
-    keys = sample_metric_keys()
-    assert set(keys) <= set(report) and all(isinstance(report[key], float) for key in keys)
+    keys = (*LIKELIHOOD_METRICS, *sample_metric_keys())  # the one list the report, summary and MLflow share
+    assert set(keys) <= set(report) and all(isinstance(report[key], (int, float)) for key in keys)
     assert report["sample_metric_images"] == 200 and report["samplers"] == ["prior", "gmm"]
     assert report["fid_floor"] < report["fid_prior"] and 0 <= report["precision_gmm"] <= 1
     assert sum(report["class_histograms"]["gmm"]) == 200

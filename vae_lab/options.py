@@ -21,6 +21,8 @@ SAMPLERS = ("prior", "gmm")
 # posterior means of the test images, and the floor (a part of the training set).
 SAMPLE_SETS = (*SAMPLERS, "reconstruction", "floor")
 SAMPLE_METRICS = ("fid", "kid", "precision", "recall", "class_kl")
+# The likelihood report's numbers that every run has (metrics.json, the sweep summary, MLflow's final/<key>).
+LIKELIHOOD_METRICS = ("neg_elbo", "recon", "kl", "iw_nll", "active_units", "objective")
 
 
 def sample_metric_keys() -> tuple[str, ...]:

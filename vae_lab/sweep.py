@@ -21,12 +21,12 @@ from omegaconf import DictConfig
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.outcome import TaskOutcome, summary_outcome
-from vae_lab.options import sample_metric_keys
+from vae_lab.options import LIKELIHOOD_METRICS, sample_metric_keys
 
 log = logging.getLogger(__name__)
 
 
-METRICS = ("neg_elbo", "recon", "kl", "iw_nll", "active_units", "objective")
+METRICS = LIKELIHOOD_METRICS
 MAIN_METRIC = "neg_elbo"
 # Every sample-quality metric goes to summary.csv; the Markdown table keeps to these.
 SAMPLE_COLUMNS = ("fid_prior", "fid_gmm", "fid_floor", "latent_probe_accuracy")
