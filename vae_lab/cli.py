@@ -47,6 +47,8 @@ def find_config_dir() -> Path:
 
 CONFIG_DIR = find_config_dir()  # the one answer: the CLI, the tests and the benchmarks all use it
 USER_ERROR_EXIT = 2
+# The pid of the process that runs the command: a sweep job in that same process stops the sweep on a signal.
+SWEEP_PROCESS = "VAE_LAB_COMMAND_PID"
 # Hydra plugins behind the optional extras: the override that needs one -> (module, extra).
 PLUGINS = {
     "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "sweep"),
@@ -191,8 +193,11 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
 
     Returning (NaN) instead of raising keeps every launcher and sweeper running the
     other jobs; the summary callback reports the failure and sets the exit status.
-    Ctrl-C or SIGTERM stops the whole sweep: this job is recorded as interrupted, the
-    summary of what finished is written, and the process exits with 128 + the signal.
+    Ctrl-C or SIGTERM to the sweep's own process (the basic launcher runs its jobs there)
+    stops the whole sweep: this job is recorded as interrupted, the summary of what
+    finished is written, and the process exits with 128 + the signal. A job in a process
+    of its own (SLURM, submitit, joblib, Ray) that gets a signal, e.g. `scancel` of that
+    one job, is recorded as interrupted and returns: the other jobs go on.
     """
     started = time.perf_counter()
     status = {"status": "completed", "error": ""}
@@ -214,8 +219,11 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
         status["seconds"] = round(time.perf_counter() - started, 3)
         run_dir.mkdir(parents=True, exist_ok=True)
         RunLayout(run_dir).job_file.write_text(json.dumps(status, indent=2) + "\n")
-    if interrupted is not None:
+    if interrupted is not None and os.environ.get(SWEEP_PROCESS) == str(os.getpid()):
         _stop_sweep(sweep_dir, run_dir, interrupted)
+    if interrupted is not None:
+        log.error("job %s interrupted by %s in its own process: recorded as interrupted; the sweep's other jobs go on.",
+                  run_dir.name, signal.Signals(interrupted).name)
     return value
 
 
@@ -309,6 +317,7 @@ def main() -> None:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     # Run and sweep directories are checked where Hydra resolves them: vae_lab.rundir.RunDirectoryGuard.
+    os.environ[SWEEP_PROCESS] = str(os.getpid())  # inherited by launchers' job processes, which do not run main()
     with interrupts_as_keyboard_interrupt():
         try:
             hydra_main()
