@@ -220,7 +220,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
         run_dir.mkdir(parents=True, exist_ok=True)
         RunLayout(run_dir).job_file.write_text(json.dumps(status, indent=2) + "\n")
     if interrupted is not None and os.environ.get(SWEEP_PROCESS) == str(os.getpid()):
-        _stop_sweep(sweep_dir, run_dir, interrupted)
+        _stop_sweep(sweep_dir, interrupted, f" in job {run_dir.name}")
     if interrupted is not None:
         log.error("job %s interrupted by %s in its own process: recorded as interrupted; the sweep's other jobs go on.",
                   run_dir.name, signal.Signals(interrupted).name)
@@ -234,15 +234,15 @@ def _missing_config_dir() -> str | None:
             "Reinstall it (pip install .) or run from a checkout that has conf/.")
 
 
-def _stop_sweep(sweep_dir: Path, run_dir: Path, number: int) -> None:
+def _stop_sweep(sweep_dir: Path, number: int, where: str = "") -> None:
     """Write the summary of the jobs so far and exit; the launcher starts no further job."""
     from vae_lab.sweep import write_summary
 
     rows, _ = write_summary(sweep_dir)
     done = sum(row["status"] == "completed" for row in rows)
     log.error(
-        "sweep interrupted by %s in job %s: %d job(s) completed; the summary of what finished is in %s. "
-        "Later jobs were not started.", signal.Signals(number).name, run_dir.name, done, SweepLayout(sweep_dir).summary_md,
+        "sweep interrupted by %s%s: %d job(s) completed; the summary of what finished is in %s. "
+        "Later jobs were not started.", signal.Signals(number).name, where, done, SweepLayout(sweep_dir).summary_md,
     )
     sys.exit(128 + number)
 
@@ -321,7 +321,21 @@ def main() -> None:
     with interrupts_as_keyboard_interrupt():
         try:
             hydra_main()
-        except KeyboardInterrupt as interrupt:  # before or after a task: while Hydra starts or composes
+        except KeyboardInterrupt as interrupt:  # while Hydra starts or composes, or a launcher waits for its jobs
             number = signal_number(interrupt)
+            sweep_dir = _sweep_in_progress()
+            if sweep_dir is not None:  # joblib, submitit, Ray: the jobs ran elsewhere; summarise what finished
+                _stop_sweep(sweep_dir, number)
             print(f"interrupted by {signal.Signals(number).name}; nothing was written over.", file=sys.stderr)
             sys.exit(128 + number)
+
+
+def _sweep_in_progress() -> Path | None:
+    """The sweep folder of the multirun this process is launching, once Hydra has made it; else None."""
+    try:
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            folder = Path(str(HydraConfig.get().sweep.dir))
+            return folder if (folder / "multirun.yaml").is_file() else None
+    except Exception:  # Hydra had not got that far
+        return None
+    return None
