@@ -41,7 +41,7 @@ ROWS = {  # name -> (what it is, overrides)
     "mlp_elbo_vamp": ("the same MLP, ELBO, VampPrior (500 pseudo-inputs)", [*IWAE_MLP, "loss=elbo", "prior=vamp"]),
 }
 COMMON = ["data=mnist", "data.binarize=dynamic", "train.alpha=1.0", "scheduler=none", "train.checkpoint_every=1000",
-          "train.plot_every=1000", "train.evaluate_at_end=true", "device=cpu"]
+          "train.plot_every=1000", "train.evaluate_at_end=true"]
 
 
 def main() -> None:
@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--k", type=int, default=1000, help="importance samples of the IW bound")
+    parser.add_argument("--k", type=int, default=1000, help="importance samples of the IW bound (5000 on a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto: where every row trains and evaluates")
     parser.add_argument("--conv-iw-images", type=int, default=1000, help="test images for the IW bound of convolutional rows")
     parser.add_argument("--runs", type=Path, default=REPO / "outputs" / "likelihood", help="where the row runs go")
     parser.add_argument("--add-run", action="append", default=[], metavar="NAME=RUN_DIR")
@@ -62,7 +63,7 @@ def main() -> None:
         description, overrides = ROWS[name]
         run_dir = args.runs / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
         limit = [f"evaluate.iw_limit={args.conv_iw_images}"] if "model=conv_vae" in overrides else []
-        cfg = _compose([*COMMON, *overrides, f"data.root={args.data_root}", f"train.epochs={args.epochs}",
+        cfg = _compose([*COMMON, *overrides, f"device={args.device}", f"data.root={args.data_root}", f"train.epochs={args.epochs}",
                         f"evaluate.iw_samples={args.k}", *limit])
         print(f"== {name}: {description} -> {run_dir}", flush=True)
         run_task(cfg, run_dir)
@@ -78,6 +79,12 @@ def main() -> None:
 def _compose(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def _device_name(device: str) -> str:
+    if device != "cpu" and torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return "CPU only"
 
 
 def _row(name: str, description: str, run_dir: Path) -> dict:
@@ -100,8 +107,8 @@ def _overrides(run_dir: Path) -> str:
 def _write(path: Path, rows: list[dict], args, started: str) -> None:
     lines = [
         f"# Likelihoods on dynamically binarized MNIST ({started})", "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, no GPU. "
-        f"Command: `python benchmarks/likelihood.py --data-root {args.data_root} --epochs {args.epochs} --k {args.k}`"
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {_device_name(args.device)}. "
+        f"Command: `python benchmarks/likelihood.py --data-root {args.data_root} --epochs {args.epochs} --k {args.k} --device {args.device}`"
         + "".join(f" `--add-run {spec}`" for spec in args.add_run) + ".", "",
         "Test set, nats per image; -log p(x) is the importance-weighted bound with k samples on the test images named.", "",
         "| row | configuration | epochs | s / epoch | train min | -ELBO | -log p(x) (IW) | k | test images | active units |",
