@@ -135,13 +135,18 @@ def test_threads_per_job(threads, launcher, cores, expected):
 
 
 def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
     before = torch.get_num_threads()
+    pools = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
     try:
         run_task(compose_config("threads=1", "train.epochs=1", "data.limit=32"), tmp_path)
         assert torch.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())  # numpy's BLAS, scikit-learn's OpenMP
         assert "torch threads: 1 (threads=1)" in (tmp_path / "run.log").read_text()
     finally:
         torch.set_num_threads(before)
+        threadpool_limits(limits=pools)
     for bad in ("0", "-2", "two"):
         with pytest.raises(ConfigError, match=f"threads={bad!r}" if bad == "two" else f"threads={bad} is not allowed"):
             run_task(compose_config(f"threads={bad}"), tmp_path / bad)

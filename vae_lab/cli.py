@@ -95,14 +95,21 @@ def run_task(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch.set_num_threads before any work: `threads`, else a share of the cores in a parallel sweep."""
+    """torch.set_num_threads before any work: `threads`, else a share of the cores in a parallel sweep.
+
+    The same count caps the BLAS and OpenMP pools that numpy and scikit-learn use (the gmm
+    sampler, t-SNE, the latent probe): on a busy machine their default threads collapse as
+    torch's do (the Gaussian mixture fit ran 2x slower with 2 threads than with 1 here).
+    """
     launcher = _parallel_launcher()
     count = threads_per_job(threads, launcher, _cores())
     if count is None:
         return
     import torch  # only here: `--help` and config errors should not wait for torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(count)
+    threadpool_limits(limits=count)  # for the rest of the process
     reason = "threads=" + str(threads) if threads is not None else f"{launcher.get('_target_', '').rpartition('.')[2]} runs jobs side by side"
     log.info("torch threads: %d (%s)", count, reason)
 
