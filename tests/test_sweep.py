@@ -115,23 +115,33 @@ def test_a_missing_plugin_names_the_extra_to_install(monkeypatch):
     assert _missing_plugin(["train.alpha=1"]) is None
 
 
-@pytest.mark.slow
-def test_sigterm_stops_the_sweep_and_writes_the_summary_of_what_finished(tmp_path):
+SLOW_JOB = ["train.evaluate_at_end=false", "data.limit=128", "train.batch_size=16", "train.checkpoint_every=1000",
+            "train.plot_every=1000"]
+
+
+def sigterm_sweep_once(sweep_dir, overrides: list[str], ready) -> str:
+    """Start `run.py -m` with these overrides, SIGTERM it once ready() holds, and return its output (exit 143 checked)."""
     import signal
     import time
 
-    sweep_dir = tmp_path / "sweep"
-    slow = ["train.evaluate_at_end=false", "data.limit=128", "train.batch_size=16", "train.checkpoint_every=1000", "train.plot_every=1000"]
-    process = subprocess.Popen([sys.executable, "run.py", "-m", *JOB, *slow, "train.epochs=1,200,1", f"hydra.sweep.dir={sweep_dir}"],
+    process = subprocess.Popen([sys.executable, "run.py", "-m", *JOB, *SLOW_JOB, *overrides, f"hydra.sweep.dir={sweep_dir}"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while not (sweep_dir / "1" / "checkpoints" / "last.pt").exists():  # job 1 is training
+    while not ready():
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Traceback" not in output
+    return output
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_and_writes_the_summary_of_what_finished(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    output = sigterm_sweep_once(sweep_dir, ["train.epochs=1,200,1"],
+                                ready=lambda: (sweep_dir / "1" / "checkpoints" / "last.pt").exists())  # job 1 is training
     assert "sweep interrupted by SIGTERM in job 1: 1 job(s) completed" in output
     assert not (sweep_dir / "2").exists()  # the remaining job was not started
     rows = read_summary(sweep_dir)
@@ -142,22 +152,10 @@ def test_sigterm_stops_the_sweep_and_writes_the_summary_of_what_finished(tmp_pat
 @pytest.mark.slow
 def test_sigterm_to_a_parallel_sweep_stops_it_and_summarises_what_finished(tmp_path):
     """joblib runs the jobs in worker processes: the signal reaches the command, which writes the summary."""
-    import signal
-    import time
-
     sweep_dir = tmp_path / "sweep"
-    slow = ["train.evaluate_at_end=false", "data.limit=128", "train.batch_size=16", "train.checkpoint_every=1000", "train.plot_every=1000"]
-    process = subprocess.Popen([sys.executable, "run.py", "-m", *JOB, *slow, "train.epochs=1,300", "hydra/launcher=joblib",
-                                "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}"],
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not ((sweep_dir / "0" / "job.json").exists() and (sweep_dir / "1" / "checkpoints" / "last.pt").exists()):
-        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()[-3000:]
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "Traceback" not in output
+    output = sigterm_sweep_once(
+        sweep_dir, ["train.epochs=1,300", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        ready=lambda: (sweep_dir / "0" / "job.json").exists() and (sweep_dir / "1" / "checkpoints" / "last.pt").exists())
     assert "sweep interrupted by SIGTERM: 1 job(s) completed" in output
     rows = read_summary(sweep_dir)
     assert rows[0]["status"] == "completed" and rows[1]["status"] != "completed"
