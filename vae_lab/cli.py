@@ -227,8 +227,8 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
         run_dir.mkdir(parents=True, exist_ok=True)
         RunLayout(run_dir).job_file.write_text(json.dumps(status, indent=2) + "\n")
     if interrupted is not None and os.environ.get(SWEEP_PROCESS) == str(os.getpid()):
-        _stop_sweep(sweep_dir, interrupted, f" in job {run_dir.name}")
-    if interrupted is not None:
+        _stop_sweep(sweep_dir, interrupted, f" in job {run_dir.name}")  # exits
+    elif interrupted is not None:
         log.error("job %s interrupted by %s in its own process: recorded as interrupted; the sweep's other jobs go on.",
                   run_dir.name, signal.Signals(interrupted).name)
     return value

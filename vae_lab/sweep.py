@@ -131,7 +131,7 @@ def job_row(job_dir: Path) -> dict:
     row["epochs"] = int(history[-1]["epoch"]) if history else 0
     results = RunLayout(job_dir).report
     if results.is_file():
-        report = _read_structured(job_dir, "results/metrics.json", json.loads, dict, "a JSON object")
+        report = _read_structured(job_dir, str(results.relative_to(job_dir)), json.loads, dict, "a JSON object")
         row.update({key: report.get(key, "") for key in (*METRICS, *sample_metric_keys())})
     elif history:  # no evaluation: the last epoch's test pass
         last = history[-1]
