@@ -10,11 +10,15 @@ import csv
 import os
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-from PIL import Image
+# One thread per process, set before torch loads: pytest-xdist runs one worker per core, and
+# the run.py subprocesses that tests start inherit it (a test that is about threads sets its own).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from vae_lab.cli import CONFIG_DIR
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vae_lab.cli import CONFIG_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The full MNIST / Fashion-MNIST IDX files: $VAE_LAB_DATA, else ../shared/data beside the checkout.
@@ -25,6 +29,7 @@ needs_full_data = pytest.mark.skipif(not HAS_FULL_DATA, reason=f"no MNIST IDX fi
 # Tiny, fast, CPU: the bundled 5,000-digit sample, 256 images per split, 2 epochs.
 TINY = [
     "device=cpu",
+    "threads=1",  # each xdist worker owns one core; torch's default threads would fight over both
     "data=mnist_5k",
     "data.limit=256",
     "train.epochs=2",

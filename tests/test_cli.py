@@ -140,10 +140,11 @@ def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):
     before = torch.get_num_threads()
     pools = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
     try:
-        run_task(compose_config("threads=1", "train.epochs=1", "data.limit=32"), tmp_path)
-        assert torch.get_num_threads() == 1
-        assert all(pool["num_threads"] == 1 for pool in threadpool_info())  # numpy's BLAS, scikit-learn's OpenMP
-        assert "torch threads: 1 (threads=1)" in (tmp_path / "run.log").read_text()
+        # The tests run with one thread (conftest); the setting must change that, in every pool.
+        run_task(compose_config("threads=2", "train.epochs=1", "data.limit=32"), tmp_path)
+        assert torch.get_num_threads() == 2
+        assert all(pool["num_threads"] == 2 for pool in threadpool_info())  # numpy's BLAS, scikit-learn's OpenMP
+        assert "torch threads: 2 (threads=2)" in (tmp_path / "run.log").read_text()
     finally:
         torch.set_num_threads(before)
         threadpool_limits(limits=pools)

@@ -97,6 +97,7 @@ def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> subprocess.
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")  # one local cluster: its tests share one worker
 def test_a_sweep_runs_as_slurm_jobs_and_sacct_records_them(slurm_env, tmp_path):
     sweep_dir = tmp_path / "sweep"
     process = start_sweep(sweep_dir, ["train.alpha=0.1,1.0"], slurm_env)
@@ -121,6 +122,7 @@ def test_a_sweep_runs_as_slurm_jobs_and_sacct_records_them(slurm_env, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
 def test_a_failed_and_a_cancelled_slurm_job_are_reported_and_the_others_finish(slurm_env, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # latent_dim=0 fails its config check; latent_dim=3 is cancelled with scancel after its first epoch.

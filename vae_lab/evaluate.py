@@ -46,7 +46,11 @@ def evaluate(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Path) -> dict:
-    """Compute the likelihood report and draw the figures of one checkpoint into results_dir."""
+    """Compute the likelihood report and draw the figures of one checkpoint into results_dir.
+
+    The file goes through the whole untrusted-file pipeline (load_checkpoint, saved_config)
+    before anything is built from it.
+    """
     started = time.perf_counter()
     _refuse_existing(results_dir)
     path = resolve_checkpoint_path(checkpoint)
@@ -56,9 +60,21 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     data = build(data_config_here(state, saved, cfg.data)).to(device)
     model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape)
     load_model_weights(model, state, path)
-    model.to(device).eval()
+    model.to(device)
+    return evaluate_model(cfg, model, objective, data, epoch=state["epoch"], checkpoint=path, results_dir=results_dir,
+                          started=started)
+
+
+def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, checkpoint: Path, results_dir: Path,
+                   started: float | None = None) -> dict:
+    """The likelihood report and figures of a model in memory (the train task's, at its end;
+    `checkpoint` is the file that holds these same weights, named in the report)."""
+    started = time.perf_counter() if started is None else started
+    _refuse_existing(results_dir)
+    path = Path(checkpoint)
+    model.eval()
     ev = cfg.evaluate
-    log.info("evaluating %s (epoch %d) on %d %s test images (%s)", path, state["epoch"], len(data.test_images), data.name, data.variant)
+    log.info("evaluating %s (epoch %d) on %d %s test images (%s)", path, epoch, len(data.test_images), data.name, data.variant)
 
     images = data.test_images
     one_sample = run_epoch(model, objective, images, ev.batch_size, description="ELBO")
@@ -72,13 +88,13 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     iw_seconds = time.perf_counter() - iw_started
     report = {
         "checkpoint": str(path.resolve()),
-        "epoch": state["epoch"],
+        "epoch": epoch,
         "data": data.name,
         "data_variant": data.variant,
         "binarize": data.binarize,
         "test_images": len(images),
-        "model": saved.model._target_.rpartition(".")[2],
-        "prior": saved.prior._target_.rpartition(".")[2],
+        "model": type(model).__name__,
+        "prior": type(model.prior).__name__,
         "objective_name": repr(objective),
         "reconstruction_loss": objective.reconstruction,
         "true_log_likelihood": model.likelihood.is_true_log_likelihood(data.binary),

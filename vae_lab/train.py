@@ -140,9 +140,13 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     log.info("done: test loss %.3f (recon %.3f, kl %.3f) after %d epochs", final["test_loss"], final["test_recon"], final["test_kl"], epoch)
     report = None
     if cfg.train.evaluate_at_end:
-        from vae_lab.evaluate import evaluate_checkpoint
+        from vae_lab.evaluate import evaluate_model
 
-        report = evaluate_checkpoint(cfg, layout.last_checkpoint, layout.results)
+        # The model in memory holds exactly the weights of last.pt (written above); a fresh
+        # objective, as evaluating that file builds one (no warm-up factor, no autocast).
+        objective.kl_scale = 1.0
+        report = evaluate_model(cfg, model, objective, data, epoch=epoch, checkpoint=layout.last_checkpoint,
+                                results_dir=layout.results)
         logger.log_report(report, layout.results)
     value = final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
     return training_outcome(run_dir, value, final, report)
