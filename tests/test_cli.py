@@ -156,7 +156,7 @@ def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):
 @pytest.mark.slow
 def test_a_joblib_sweep_gives_each_job_its_share_of_the_cores(tmp_path):
     result = run_cli("-m", *TINY, "train.epochs=1", "data.limit=32", "train.alpha=0.5,1.0", "hydra/launcher=joblib",
-                     "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}")
+                     "hydra.launcher.n_jobs=2", "threads=null", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for job in ("0", "1"):

@@ -139,6 +139,33 @@ def test_a_user_model_is_refused_until_its_module_is_trusted(tmp_path, user_modu
     assert not (tmp_path / "refused" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("overrides", [
+    ["loss._target_=builtins.open", "+loss.file={victim}", "+loss.mode=w"],          # a group's own target
+    ["+model.encoder._target_=builtins.open", "+model.encoder.file={victim}", "+model.encoder.mode=w"],  # nested
+    ["logger._target_=builtins.open", "+logger.file={victim}", "+logger.mode=w"],    # a recorded-only group
+    ["+sampler._target_=builtins.open", "+sampler.file={victim}", "+sampler.mode=w"],  # a group vae_lab lacks
+])
+def test_a_config_naming_an_untrusted_module_is_refused_before_anything_runs(tmp_path, overrides):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    cfg = compose_config(*(o.format(victim=victim) for o in overrides))
+    with pytest.raises(ConfigError, match="builtins is not a trusted module"):
+        run_task(cfg, tmp_path / "run")
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_trust_is_by_whole_package_name_never_a_string_prefix(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "vae_lab_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
+    (tmp_path / "my_lab_extra.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target, trusted in (("vae_lab_evil.Net", "[vae_lab]"), ("my_lab_extra.Net", "[my_lab]")):
+        with pytest.raises(ConfigError, match=f"{target.split('.')[0]} is not a trusted module"):
+            run_task(compose_config(f"model._target_={target}", f"trusted_modules={trusted}"), tmp_path / "run")
+    assert not marker.exists() and "vae_lab_evil" not in sys.modules and "my_lab_extra" not in sys.modules
+
+
 def test_a_checkpoint_naming_an_untrusted_module_is_refused_before_anything_is_imported(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run_task(compose_config("data.limit=32", "train.epochs=1"), run)

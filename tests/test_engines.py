@@ -56,11 +56,12 @@ def assert_complete(job_dir: Path) -> None:
 # --- SLURM ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm_env():
     """The environment of a shell that talks to the local cluster; started here if it is not running.
 
-    Only a cluster this fixture started is stopped afterwards.
+    Session-scoped: the SLURM tests share one xdist worker (xdist_group), which may run other
+    modules' tests between them. Only a cluster this fixture started is stopped afterwards.
     """
     if shutil.which("bash") is None:
         pytest.skip("SLURM: no bash to run scripts/slurm-local.sh")

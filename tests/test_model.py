@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,40 @@ def test_sample_is_reproducible_from_a_generator():
 def test_rejects_an_empty_latent(model_class):
     with pytest.raises(ValueError, match="latent_dim must be >= 1"):
         model_class(latent_dim=0)
+
+
+def test_the_vampprior_neither_uses_nor_moves_the_encoders_batch_statistics():
+    torch.manual_seed(0)
+    model = ConvVAE(latent_dim=4, prior=VampPrior(4, components=5))
+    model.train()
+    x = torch.rand(8, 1, 28, 28)
+    model.posterior(x)  # one training batch: the running statistics move from their start
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms, "the reference ConvVAE has BatchNorm layers"
+    before = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]
+    means, logvars, _ = model.prior.components_of(model.posterior)
+    after = [(m.running_mean, m.running_var, int(m.num_batches_tracked)) for m in norms]
+    for (mean0, var0, n0), (mean1, var1, n1) in zip(before, after):
+        assert torch.equal(mean0, mean1) and torch.equal(var0, var1) and n0 == n1
+    assert all(m.training for m in norms)  # the model is left in training mode
+    model.eval()  # the pseudo-inputs were encoded as evaluation encodes an image: running statistics
+    expected, _ = model.posterior(torch.sigmoid(model.prior.pseudo_inputs))
+    assert torch.allclose(means, expected, atol=1e-6)
+    model.train()
+    means.sum().backward()  # and the pseudo-inputs still learn
+    assert model.prior.pseudo_inputs.grad is not None and model.prior.pseudo_inputs.grad.abs().sum() > 0
+
+
+def test_image_grids_draw_colour_images_in_colour(tmp_path):
+    from PIL import Image
+
+    from vae_lab.plots import image_grid
+
+    red, blue = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
+    red[0], blue[2] = 1.0, 1.0
+    image_grid(torch.stack([red, blue]), tmp_path / "grid.png", nrow=2, title="colour")
+    with Image.open(tmp_path / "grid.png") as png:
+        pixels = torch.from_numpy(np.asarray(png.convert("RGB")).reshape(-1, 3).astype(np.int64))
+    reddish = ((pixels[:, 0] > 200) & (pixels[:, 1] < 60) & (pixels[:, 2] < 60)).sum()
+    blueish = ((pixels[:, 2] > 200) & (pixels[:, 0] < 60) & (pixels[:, 1] < 60)).sum()
+    assert reddish > 50 and blueish > 50  # a grey grid of channel 0 would have neither

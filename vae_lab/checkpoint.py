@@ -24,33 +24,26 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import importlib
-import inspect
 import logging
 import os
 import pickle
 import re
 import stat
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
 import torch
-from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from vae_lab.errors import CheckpointError, ConfigError
+from vae_lab.errors import CheckpointError, ConfigError, first_line
+from vae_lab.files import is_in_use, write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.loggers import METRIC_COLUMNS
 from vae_lab.runtime import build_vae
-from vae_lab.validate import validate
-
-try:
-    import fcntl  # POSIX: a save holds a lock on its temporary file while it writes
-except ImportError:  # Windows: an open file cannot be deleted, which protects it as well
-    fcntl = None
+from vae_lab.options import EXPERIMENT_GROUPS, IMAGE_SHAPE, RECORDED_ONLY_GROUPS, is_int, is_number
+from vae_lab.validate import untrusted_target, validate
 
 log = logging.getLogger(__name__)
 
@@ -70,110 +63,32 @@ DIGEST_KEY = "model_sha256"
 TEMPORARY_NAME = re.compile(r"\..+\.pt\.[0-9a-f]{12}\.tmp")
 # A temporary file younger than this may belong to a save that has not yet taken its lock.
 STALE_AFTER_SECONDS = 5.0
-# Config groups that hold a _target_ but are never built from a checkpoint: the logger
-# is where that run logged, not part of the experiment.
-RECORDED_ONLY_GROUPS = ("logger",)
 # Hydra's instantiate keywords other than _target_ and _partial_: vae_lab never writes
 # them, and each changes what building a node does.
 INSTANTIATE_KEYWORDS = ("_args_", "_recursive_", "_convert_")
-
-
-# What each config group may build: a class from a trusted module that derives from the
-# group's base class (for data: a loader whose declared return type is ImageData). Trusted
-# are vae_lab's own modules, torch's optimizers and schedulers, and the modules a user
-# lists in `trusted_modules` (with their submodules). Nothing else is ever imported.
-GROUP_BASES = {
-    "model": ("vae_lab.model", "VAE"),
-    "prior": ("vae_lab.priors", "Prior"),
-    "loss": ("vae_lab.objectives", "Objective"),
-    "data": ("vae_lab.data", "ImageData"),
-    "optim": ("torch.optim", "Optimizer"),
-    "scheduler": ("torch.optim.lr_scheduler", "LRScheduler"),
-}
-OWN_MODULES = ("vae_lab.model", "vae_lab.priors", "vae_lab.objectives", "vae_lab.loss", "vae_lab.data",
-               "torch.optim", "torch.optim.lr_scheduler")
 DEFAULT_PRIOR = {"_target_": "vae_lab.priors.NormalPrior"}  # checkpoints from before priors existed
-REQUIRED_GROUPS = tuple(group for group in GROUP_BASES if group != "prior")
-IMAGE_SHAPE = (1, 28, 28)
+REQUIRED_GROUPS = tuple(group for group in EXPERIMENT_GROUPS if group != "prior")
 # The parts of a checkpoint's config vae_lab ever reads; the rest (logger, evaluate, ...) is dropped.
-READ_FROM_CHECKPOINT = (*GROUP_BASES, "train", "seed")
-
-
-def untrusted_target(config: dict, trusted_modules=()) -> str | None:
-    """Why `config` (a plain dict) would build something it must not, or None.
-
-    The module of each group's `_target_` is checked by name before it is imported; only
-    then is the target looked up and checked against the group's base class. A
-    `_target_` anywhere else in the tree is refused: vae_lab never writes one there.
-    """
-    read = {key: config[key] for key in READ_FROM_CHECKPOINT if key in config}
-    hidden = [key for key in _target_paths(read) if key.count(".") != 1 or key.split(".")[0] not in GROUP_BASES]
-    if hidden:
-        return f"it has a _target_ at {hidden[0]}, where vae_lab never puts one"
-    for group, (base_module, base_name) in GROUP_BASES.items():
-        node = config.get(group)
-        if node is None and group == "prior":
-            continue
-        target = node.get("_target_") if isinstance(node, dict) else None
-        if not isinstance(target, str) or "." not in target:
-            return f"{group} names no class to build ({target!r})"
-        module_name, _, name = target.rpartition(".")
-        if not _is_trusted(module_name, trusted_modules):
-            return (f"{group} is built by {target!r}, and {module_name} is not a trusted module "
-                    "(trusted: vae_lab's own modules and those you list in trusted_modules=[...])")
-        found = getattr(importlib.import_module(module_name), name, None)
-        base = getattr(importlib.import_module(base_module), base_name)
-        if not _builds(found, base):
-            return f"{group} is built by {target!r}, which is not a {base_module}.{base_name}{' loader' if group == 'data' else ' class'}"
-    return None
-
-
-def _is_trusted(module_name: str, trusted_modules) -> bool:
-    own = module_name in OWN_MODULES
-    listed = any(module_name == m or module_name.startswith(m + ".") for m in trusted_modules if isinstance(m, str) and m)
-    return own or listed
-
-
-def _builds(found, base: type) -> bool:
-    if isinstance(found, type):
-        return issubclass(found, base)
-    if callable(found) and base.__name__ == "ImageData":  # a loader function must declare what it returns
-        return inspect.signature(found).return_annotation in (base, base.__name__)
-    return False
+READ_FROM_CHECKPOINT = (*EXPERIMENT_GROUPS, "train", "seed")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write `state` to `path` atomically: complete old file or complete new file, never half.
+    """Write `state` to `path` atomically (vae_lab.files.write_atomic): complete old file or
+    complete new file, never half, never through a link planted at `path`.
 
     A failed write (a full disk, a folder that became unwritable) raises OSError naming
     `path`, whichever layer noticed it, so callers handle one exception type.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp, whose 0600 mode the final file would keep).
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     content = {"format": FORMAT, **state}
     if "model" in state:
         content[DIGEST_KEY] = tensors_digest(state["model"])
     try:
-        with open(temporary, "xb") as file:
-            if fcntl is not None:  # held until closed, or until the process dies
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX)
-            torch.save(content, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+        write_atomic(path, lambda file: torch.save(content, file))
     except RuntimeError as error:
-        temporary.unlink(missing_ok=True)
         failed_write = _failed_write(error, path)
         if failed_write is None:
             raise
         raise failed_write from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _failed_write(error: RuntimeError, path: Path) -> OSError | None:
@@ -189,7 +104,7 @@ def _failed_write(error: RuntimeError, path: Path) -> OSError | None:
             return OSError(cause.errno, cause.strerror or str(cause), str(path))
         cause = cause.__cause__ or cause.__context__
     if "inline_container" in str(error) or "PytorchStreamWriter" in str(error):
-        return OSError(errno.EIO, f"the file could not be written in full, is the disk full? (torch: {_first_line(error)})", str(path))
+        return OSError(errno.EIO, f"the file could not be written in full, is the disk full? (torch: {first_line(error)})", str(path))
     return None
 
 
@@ -229,14 +144,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
 
 def _in_use(temporary: Path) -> bool:
     try:
-        if time.time() - temporary.stat().st_mtime < STALE_AFTER_SECONDS:
-            return True
-        if fcntl is None:
-            return False
-        with open(temporary, "rb") as file:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
-        return False
-    except OSError:  # BlockingIOError: a live save holds it; anything else: leave it alone
+        return time.time() - temporary.stat().st_mtime < STALE_AFTER_SECONDS or is_in_use(temporary)
+    except OSError:  # removed meanwhile, or not ours: leave it alone
         return True
 
 
@@ -334,7 +243,7 @@ def _check_archive(file, path: Path) -> None:
     except CheckpointError:
         raise
     except Exception as error:  # a flipped header field can fail the archive reader in many ways
-        raise _corrupted(path, _first_line(error)) from error
+        raise _corrupted(path, first_line(error)) from error
     if damaged is not None:
         raise _corrupted(path, f"record {damaged} fails its CRC check")
     file.seek(0)
@@ -353,14 +262,14 @@ def _unpickle(file, path: Path, map_location) -> object:
     except pickle.UnpicklingError as error:
         # weights_only names the global it refused; other unpickling errors are damage.
         if "GLOBAL" not in str(error):
-            raise _corrupted(path, _first_line(error, skip_header=True)) from error
+            raise _corrupted(path, first_line(error, skip_header=True)) from error
         raise CheckpointError(
             f"refused to load {path}: it holds Python objects that could run code when unpickled, "
             "and vae_lab only loads plain tensors and values. Only use checkpoints written by vae_lab."
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
-            f"cannot read {path}: the file is truncated, corrupted or not a PyTorch file ({_first_line(error)}). "
+            f"cannot read {path}: the file is truncated, corrupted or not a PyTorch file ({first_line(error)}). "
             "Use another checkpoint, e.g. an earlier checkpoints/model_<epoch>.pt."
         ) from error
 
@@ -380,7 +289,7 @@ def _structure_problem(state: dict) -> str | None:
     if missing:
         return f"no {', '.join(missing)}"
     epoch, model, config, rng = state["epoch"], state["model"], state["config"], state["rng"]
-    if not _is_int(epoch) or epoch < 0:
+    if not is_int(epoch) or epoch < 0:
         return f"epoch is {epoch!r}, not a whole number >= 0"
     if not isinstance(model, dict) or not model:
         return "model is not a dict of tensors"
@@ -405,7 +314,7 @@ def _structure_problem(state: dict) -> str | None:
     if not isinstance(state["data"], str) or not state["data"]:
         return f"data is {state['data']!r}, not the name of a data set"
     shape = state.get("image_shape", IMAGE_SHAPE)
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_is_int(v) and 1 <= v <= 4096 for v in shape)):
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(is_int(v) and 1 <= v <= 4096 for v in shape)):
         return f"image_shape is {shape!r}, not (channels, height, width)"
     if DIGEST_KEY in state and not (isinstance(state[DIGEST_KEY], str) and re.fullmatch(r"[0-9a-f]{64}", state[DIGEST_KEY])):
         return f"{DIGEST_KEY} is not a sha256 digest"
@@ -414,7 +323,7 @@ def _structure_problem(state: dict) -> str | None:
     for group in (*REQUIRED_GROUPS, "train"):
         if not isinstance(config.get(group), dict):
             return f"config has no {group} group"
-    if not _is_int(config.get("seed")):
+    if not is_int(config.get("seed")):
         return "config.seed is not a whole number"
     return None
 
@@ -423,16 +332,8 @@ def _is_metrics_row(row) -> bool:
     """A row as train writes it: metrics.csv's columns, numbers except the data set's name."""
     return (
         isinstance(row, dict) and set(row) <= set(METRIC_COLUMNS)
-        and all(isinstance(value, str) if key == "data" else _is_number(value) for key, value in row.items())
+        and all(isinstance(value, str) if key == "data" else is_number(value) for key, value in row.items())
     )
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_digest(state: dict, path: str | Path) -> None:
@@ -472,13 +373,12 @@ def saved_config(state: dict, path: str | Path, trusted_modules=()) -> DictConfi
     """
     config = _resolved_plain_config(state, path)
     _check_target_placement(config, path)
-    problem = untrusted_target(config, trusted_modules)
+    problem = untrusted_target({key: config.get(key) for key in EXPERIMENT_GROUPS}, trusted_modules, optional=("prior",))
     if problem:
         raise CheckpointError(f"refused {path}: its config builds something vae_lab does not trust: {problem}.")
     config = {"prior": DEFAULT_PRIOR, **{key: config[key] for key in READ_FROM_CHECKPOINT if key in config}}
-    _check_arguments(config, path)
     saved = OmegaConf.create(config)
-    _check_saved_settings(saved, state["data"], path)
+    _check_saved_settings(saved, state["data"], path, trusted_modules)
     _check_model_fits(saved, state, path)
     return saved
 
@@ -494,7 +394,7 @@ def _resolved_plain_config(state: dict, path: str | Path) -> dict:
         # With no "${" anywhere there is nothing to resolve; resolving anyway proves it.
         return OmegaConf.to_container(OmegaConf.create(state["config"]), resolve=True)
     except (OmegaConfBaseException, ValueError, TypeError) as error:
-        raise CheckpointError(f"refused {path}: its config is not a config OmegaConf can read ({_first_line(error)}).") from error
+        raise CheckpointError(f"refused {path}: its config is not a config OmegaConf can read ({first_line(error)}).") from error
 
 
 MAX_CONFIG_DEPTH = 16  # vae_lab's own configs are 3 deep
@@ -553,7 +453,7 @@ def plain_config(cfg: DictConfig) -> dict:
 def _check_target_placement(config: dict, path: str | Path) -> None:
     """`_target_` only at the top of the groups vae_lab builds (or records); no other
     instantiate keyword anywhere, and `_partial_` only at the top of a group."""
-    groups_with_targets = (*GROUP_BASES, *RECORDED_ONLY_GROUPS)
+    groups_with_targets = (*EXPERIMENT_GROUPS, *RECORDED_ONLY_GROUPS)
     for keys in _key_paths(config):
         name = keys[-1]
         misplaced = (
@@ -564,7 +464,7 @@ def _check_target_placement(config: dict, path: str | Path) -> None:
         if misplaced:
             raise CheckpointError(
                 f"refused {path}: its config has {name} at {'.'.join(map(str, keys))}, where vae_lab never writes one "
-                f"(a checkpoint builds only {', '.join(GROUP_BASES)}, each from the top of its group)."
+                f"(a checkpoint builds only {', '.join(EXPERIMENT_GROUPS)}, each from the top of its group)."
             )
 
 
@@ -577,21 +477,7 @@ def _key_paths(node, prefix: tuple = ()) -> list[tuple]:
     return []
 
 
-def _check_arguments(config: dict, path: str | Path) -> None:
-    """Each group's arguments are ones its (already allowed) target takes, so building it
-    cannot fail on an unexpected keyword after the checks have passed."""
-    for group in GROUP_BASES:
-        arguments = dict(config[group])
-        target = arguments.pop("_target_")
-        arguments.pop("_partial_", None)
-        signature = inspect.signature(get_object(target))
-        try:  # partial: the task adds what it builds (parameters, image_shape, prior, likelihood)
-            signature.bind_partial(**arguments)
-        except TypeError as error:
-            raise CheckpointError(f"refused {path}: its config gives {group} arguments that {target} does not take ({error}).") from None
-
-
-def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path) -> None:
+def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path, trusted_modules) -> None:
     """The saved experiment, checked with the command line's rules (vae_lab.validate).
 
     What describes this machine or this command (task, device, data location, paths to
@@ -607,11 +493,11 @@ def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path) -
             if OmegaConf.select(probe, key) is not None:
                 OmegaConf.update(probe, key, None)
     try:
-        validate(probe)
+        validate(probe, trusted_modules)
     except ConfigError as error:
         raise CheckpointError(f"refused {path}: its saved config has a setting vae_lab does not accept: {error}") from None
     except OmegaConfBaseException as error:
-        raise CheckpointError(f"refused {path}: its saved config lacks settings vae_lab needs ({_first_line(error)}).") from None
+        raise CheckpointError(f"refused {path}: its saved config lacks settings vae_lab needs ({first_line(error)}).") from None
 
 
 def _check_model_fits(saved: DictConfig, state: dict, path: str | Path) -> None:
@@ -626,7 +512,7 @@ def _check_model_fits(saved: DictConfig, state: dict, path: str | Path) -> None:
             model, _ = build_vae(saved.model, saved.prior, saved.loss, image_shape)
     except Exception as error:  # whatever the constructor of an allowed class says about these arguments
         raise CheckpointError(
-            f"refused {path}: the model its config describes ({described}) cannot be built: {_first_line(error.__cause__ or error)}."
+            f"refused {path}: the model its config describes ({described}) cannot be built: {first_line(error.__cause__ or error)}."
         ) from error
     if not isinstance(model, torch.nn.Module):
         raise CheckpointError(f"refused {path}: its model config ({described}) does not build a model.")
@@ -643,17 +529,6 @@ def _check_model_fits(saved: DictConfig, state: dict, path: str | Path) -> None:
             f"the weights in {path} do not fit the model its own config describes ({described}): "
             f"{detail}. The file was altered or written by another program."
         )
-
-
-def _target_paths(node, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        found = [f"{prefix}{key}" for key in node if key == "_target_"]
-        for key, value in node.items():
-            found += _target_paths(value, f"{prefix}{key}.")
-        return found
-    if isinstance(node, list):
-        return [path for i, value in enumerate(node) for path in _target_paths(value, f"{prefix}{i}.")]
-    return []
 
 
 def data_config_here(state: dict, saved: DictConfig, current_data: DictConfig) -> DictConfig:
@@ -686,7 +561,7 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path) ->
         described = state["config"].get("model", {})
         raise CheckpointError(
             f"the weights in {path} do not fit the model its own config describes ({described}): "
-            f"{_first_line(error, skip_header=True)}. The file was altered or written by another program."
+            f"{first_line(error, skip_header=True)}. The file was altered or written by another program."
         ) from error
 
 
@@ -708,7 +583,7 @@ def restore_training_state(optimizer: torch.optim.Optimizer, scheduler, state: d
             optimizer.load_state_dict(saved_optimizer)
             scheduler.load_state_dict(saved_scheduler)
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
-            problem = f"optimizer or scheduler state ({_first_line(error)})"
+            problem = f"optimizer or scheduler state ({first_line(error)})"
     if problem:
         raise CheckpointError(
             f"cannot resume from {path}: its {problem} does not fit the optimizer and scheduler its config describes. "
@@ -744,8 +619,8 @@ def _same_kind(fresh, saved) -> bool:
         return saved is None or isinstance(saved, (bool, int, float))
     if isinstance(fresh, bool):
         return isinstance(saved, bool)
-    if _is_number(fresh):
-        return _is_number(saved)
+    if is_number(fresh):
+        return is_number(saved)
     return type(saved) is type(fresh)
 
 
@@ -755,16 +630,9 @@ def _optimizer_state_mismatch(optimizer: torch.optim.Optimizer, saved_state) -> 
     if not isinstance(saved_state, dict):
         return "optimizer state"
     for index, entry in saved_state.items():
-        if not _is_int(index) or not 0 <= index < len(parameters) or not isinstance(entry, dict):
+        if not is_int(index) or not 0 <= index < len(parameters) or not isinstance(entry, dict):
             return f"optimizer state[{index!r}]"
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameters[index].shape:
                 return f"optimizer state[{index}][{key!r}]"
     return None
-
-
-def _first_line(error: BaseException, skip_header: bool = False) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if skip_header and len(lines) > 1:
-        lines = lines[1:]
-    return lines[0] if lines else type(error).__name__

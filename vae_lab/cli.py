@@ -21,7 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lab.errors import VaeLabError
+from vae_lab.errors import USER_ERROR_EXIT, VaeLabError, signal_number, sigterm_as_keyboard_interrupt
+from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.outcome import TaskOutcome, closing_block
 from vae_lab.validate import validate
@@ -46,7 +47,6 @@ def find_config_dir() -> Path:
 
 
 CONFIG_DIR = find_config_dir()  # the one answer: the CLI, the tests and the benchmarks all use it
-USER_ERROR_EXIT = 2
 # The pid of the process that runs the command: a sweep job in that same process stops the sweep on a signal.
 SWEEP_PROCESS = "VAE_LAB_COMMAND_PID"
 # Hydra plugins behind the optional extras: the override that needs one -> (module, extra).
@@ -225,7 +225,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
     finally:
         status["seconds"] = round(time.perf_counter() - started, 3)
         run_dir.mkdir(parents=True, exist_ok=True)
-        RunLayout(run_dir).job_file.write_text(json.dumps(status, indent=2) + "\n")
+        write_atomic(RunLayout(run_dir).job_file, json.dumps(status, indent=2) + "\n")
     if interrupted is not None and os.environ.get(SWEEP_PROCESS) == str(os.getpid()):
         _stop_sweep(sweep_dir, interrupted, f" in job {run_dir.name}")  # exits
     elif interrupted is not None:
@@ -254,12 +254,6 @@ def _stop_sweep(sweep_dir: Path, number: int, where: str = "") -> None:
     sys.exit(128 + number)
 
 
-def signal_number(interrupt: KeyboardInterrupt) -> int:
-    """SIGTERM arrives as KeyboardInterrupt(15) (see interrupts_as_keyboard_interrupt); Ctrl-C as SIGINT."""
-    number = interrupt.args[0] if interrupt.args else signal.SIGINT
-    return int(number) if isinstance(number, int) else int(signal.SIGINT)
-
-
 def _interrupted_message(number: int, task: str, run_dir: Path) -> str:
     message = (f"interrupted by {signal.Signals(number).name} before task={task} finished. Every file written is "
                "complete: checkpoints are renamed into place, results/ is complete or absent.")
@@ -267,20 +261,6 @@ def _interrupted_message(number: int, task: str, run_dir: Path) -> str:
     if task == "train" and layout.last_checkpoint.is_file() and not layout.results.exists():
         message += f" Training had finished; evaluate it with: python run.py task=evaluate evaluate.checkpoint={run_dir}"
     return message
-
-
-@contextmanager
-def interrupts_as_keyboard_interrupt():
-    """SIGTERM raises KeyboardInterrupt(15) for the duration, so it unwinds like Ctrl-C: clean-ups run."""
-
-    def interrupt(number, _frame):
-        raise KeyboardInterrupt(number)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _missing_plugin(arguments: list[str]) -> str | None:
@@ -325,7 +305,7 @@ def main() -> None:
         sys.exit(USER_ERROR_EXIT)
     # Run and sweep directories are checked where Hydra resolves them: vae_lab.rundir.RunDirectoryGuard.
     os.environ[SWEEP_PROCESS] = str(os.getpid())  # inherited by launchers' job processes, which do not run main()
-    with interrupts_as_keyboard_interrupt():
+    with sigterm_as_keyboard_interrupt():
         try:
             hydra_main()
         except KeyboardInterrupt as interrupt:  # while Hydra starts or composes, or a launcher waits for its jobs

@@ -22,6 +22,7 @@ from vae_lab import plots
 from vae_lab.checkpoint import data_config_here, load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.files import write_atomic
 from vae_lab.layout import REPORT_FILE, RunLayout
 from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
 from vae_lab.outcome import TaskOutcome, evaluation_outcome
@@ -124,7 +125,7 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
                 cache_dir=ev.cache_dir, seed=cfg.seed, generation_samples=ev.generation_samples, images_per_row=ev.images_per_row,
             ))
             report["seconds"] = round(time.perf_counter() - started, 3)
-            (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+            write_atomic(folder / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     except OSError as error:
         raise VaeLabError(
             f"cannot write the results to {results_dir}: {error.strerror or error}. "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from vae_lab.errors import VaeLabError
+from vae_lab.files import open_append
 from vae_lab.layout import RunLayout
 
 METRIC_COLUMNS = (
@@ -36,13 +37,13 @@ class CSVLogger:
         config: the composed config as plain data, for loggers that record it.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("w", newline="") as file:
+        with open_append(self.path, truncate=True) as file:
             writer = csv.DictWriter(file, fieldnames=METRIC_COLUMNS)
             writer.writeheader()
             writer.writerows(history)
 
     def log_epoch(self, row: dict) -> None:
-        with self.path.open("a", newline="") as file:
+        with open_append(self.path) as file:
             csv.DictWriter(file, fieldnames=METRIC_COLUMNS).writerow(row)
 
     def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:

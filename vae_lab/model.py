@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from vae_lab.likelihoods import Bernoulli, Likelihood
+from vae_lab.options import IMAGE_SHAPE
 from vae_lab.priors import NormalPrior, Prior, log_diagonal_normal
-
-IMAGE_SHAPE = (1, 28, 28)
 
 
 class VAE(nn.Module):

@@ -6,6 +6,7 @@ config validation, which runs before torch is even imported.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,40 @@ def sample_metric_keys() -> tuple[str, ...]:
             "latent_probe_accuracy", "classifier_test_accuracy")
 
 SEED_RANGE = (0, 2**32 - 1)  # what numpy's and Python's seeding accept
-IMAGE_SHAPE = (1, 28, 28)  # what the models are probed with before a run
+IMAGE_SHAPE = (1, 28, 28)  # MNIST's: the probe shape before a run, and that of checkpoints written before they saved one
+
+# The config groups that build something, declared once: the class (module, name) a
+# group's `_target_` must be (or, for data, return). The trust check, the checkpoint's
+# config, resume and the dry build all read this; a new group is one line here.
+GROUP_BASES = {
+    "model": ("vae_lab.model", "VAE"),
+    "prior": ("vae_lab.priors", "Prior"),
+    "loss": ("vae_lab.objectives", "Objective"),
+    "data": ("vae_lab.data", "ImageData"),
+    "optim": ("torch.optim", "Optimizer"),
+    "scheduler": ("torch.optim.lr_scheduler", "LRScheduler"),
+    "logger": ("vae_lab.loggers", "Loggers"),
+}
+# Where the run logged is not part of the experiment: a checkpoint records it, never builds it.
+RECORDED_ONLY_GROUPS = ("logger",)
+EXPERIMENT_GROUPS = tuple(group for group in GROUP_BASES if group not in RECORDED_ONLY_GROUPS)
+# Trusted without being listed in trusted_modules: vae_lab's own package, torch's optimizers
+# and schedulers. Trust is by whole dotted package (vae_lab covers vae_lab.model, never vae_lab_evil).
+OWN_PACKAGES = ("vae_lab", "torch.optim")
+
+
+def is_number(value) -> bool:
+    """A real number that is not a bool (YAML's true is not 1 here)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def in_package(module_name: str, packages) -> bool:
+    """Whether `module_name` is one of `packages` or inside one, by whole dotted names."""
+    return any(isinstance(p, str) and p and (module_name == p or module_name.startswith(p + ".")) for p in packages)
 
 
 # The plain (non-_target_) nodes, typed like a constructor's arguments, so that the one

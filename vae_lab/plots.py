@@ -14,21 +14,24 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torchvision.utils import make_grid
 
+from vae_lab.files import write_atomic
+
 PADDING = 2
 DPI = 100
 
 
 def image_grid(images: torch.Tensor, path: Path, *, nrow: int, title: str, row_labels: Sequence[str] = ()) -> torch.Tensor:
-    """Save images (N, 1, H, W) in [0, 1] as a titled grid with `nrow` images per row.
+    """Save images (N, C, H, W) in [0, 1], C = 1 (grey) or 3 (colour), as a titled grid with `nrow` images per row.
 
     Returns the grid itself, (3, H', W'), for loggers that keep images too.
     """
     grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=PADDING, pad_value=1.0)
-    pixels = grid[0].numpy()  # (rows * (H + pad) + pad, cols * (W + pad) + pad)
-    height, width = pixels.shape
+    colour = images.shape[1] == 3
+    pixels = grid.permute(1, 2, 0).numpy() if colour else grid[0].numpy()  # (rows * (H + pad) + pad, cols * (W + pad) + pad[, 3])
+    height, width = pixels.shape[:2]
     figure = Figure(figsize=(width / DPI * 2.2 + 1.6, height / DPI * 2.2 + 0.7), dpi=DPI)
     ax = figure.add_subplot()
-    ax.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(pixels, cmap=None if colour else "gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title)
     ax.set_xticks([])
     if row_labels:
@@ -112,8 +115,7 @@ def kl_per_dimension(kl: np.ndarray, active: np.ndarray, path: Path, *, title: s
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, bbox_inches="tight")
+    write_atomic(path, lambda file: figure.savefig(file, format="png", bbox_inches="tight"))
     return path
 
 

@@ -138,8 +138,26 @@ class VampPrior(_Mixture):
     def components_of(self, posterior):
         if posterior is None:
             raise ValueError("the VampPrior needs the model's encoder (posterior) to evaluate")
-        means, logvars = posterior(torch.sigmoid(self.pseudo_inputs))
+        with batch_statistics_frozen(posterior):
+            means, logvars = posterior(torch.sigmoid(self.pseudo_inputs))
         return means, logvars, self.uniform_logits
+
+
+@contextmanager
+def batch_statistics_frozen(posterior):
+    """The encoder's BatchNorm layers in eval mode for the duration: pseudo-inputs are
+    normalised with the running statistics of real images, and never move them (gradients
+    still reach the pseudo-inputs and the encoder)."""
+    owner = getattr(posterior, "__self__", None)
+    layers = [m for m in owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] \
+        if isinstance(owner, nn.Module) else []
+    for layer in layers:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
 
 
 def log_diagonal_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

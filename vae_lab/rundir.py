@@ -21,7 +21,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from vae_lab.errors import VaeLabError
+from vae_lab.errors import USER_ERROR_EXIT, VaeLabError
+from vae_lab.files import NO_FOLLOW
 from vae_lab.layout import LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 # (run_record names Hydra's record folder and log file as this config sets them).
 RUN_RECORD = frozenset({".hydra", "run.log", LOCK_FILE})
 SWEEP_RECORD = frozenset({LOCK_FILE})
-USER_ERROR_EXIT = 2
 
 
 class RunDirectoryError(VaeLabError):
@@ -44,7 +44,11 @@ def claim(folder: Path, setting: str, record: frozenset = RUN_RECORD):
     """
     _refuse_used(folder, setting, record)
     _create(folder, setting)
-    lock = open(folder / LOCK_FILE, "a+")
+    try:  # never through a link planted at the lock's name (vae_lab.files: nothing is written through one)
+        lock = os.fdopen(os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | NO_FOLLOW, 0o666), "r+")
+    except OSError as error:
+        raise RunDirectoryError(f"{setting}={folder}: cannot open its lock file {LOCK_FILE} ({error.strerror or error}); "
+                                "a link or a folder of that name is not vae_lab's. Choose a new or empty folder.") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -72,7 +76,11 @@ def run_record(config: DictConfig) -> frozenset:
     names = {LOCK_FILE, "run.log"}
     subdir = OmegaConf.select(config, "hydra.output_subdir")
     if subdir:
-        names.add(Path(str(subdir)).parts[0])
+        parts = Path(str(subdir)).parts
+        if Path(str(subdir)).is_absolute() or ".." in parts:
+            raise RunDirectoryError(f"hydra.output_subdir={subdir} leaves the run directory: Hydra would write its record "
+                                    "there, over whatever is there. Use a folder name inside the run, e.g. .hydra.")
+        names.add(parts[0])
     handler = OmegaConf.select(config, "hydra.job_logging.handlers.file", default=None)
     if isinstance(handler, DictConfig) and "filename" in handler:
         # The raw text: it interpolates the output directory, which is not known yet; the name is its last part.
@@ -84,7 +92,8 @@ def leftovers(folder: Path, record: frozenset = RUN_RECORD) -> list[str]:
     """The entries of `folder` that are more than the record of a refused start."""
     if not folder.is_dir():
         return []
-    return sorted(entry.name for entry in folder.iterdir() if entry.name not in record)
+    # A link at a record's name (.hydra, run.log) is not a record: Hydra would write through it.
+    return sorted(entry.name for entry in folder.iterdir() if entry.name not in record or entry.is_symlink())
 
 
 def _refuse_used(folder: Path, setting: str, record: frozenset) -> None:
@@ -196,7 +205,7 @@ class RunDirectoryGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir
         folder = Path(os.path.normpath(Path(str(config.hydra.run.dir)).expanduser().absolute()))
-        self._claim("run", folder, "hydra.run.dir", run_record(config))
+        self._claim("run", folder, "hydra.run.dir", lambda: run_record(config))
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self._release("run")
@@ -220,14 +229,14 @@ class RunDirectoryGuard(Callback):
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             return  # the run directory was claimed in on_run_start
         # Hydra has just written this job's .hydra/ and run.log here; anything else is another job's.
-        self._claim("job", Path(config.hydra.runtime.output_dir), "job directory", run_record(config))
+        self._claim("job", Path(config.hydra.runtime.output_dir), "job directory", lambda: run_record(config))
 
     def on_job_end(self, config: DictConfig, **kwargs) -> None:
         self._release("job")
 
-    def _claim(self, kind: str, folder: Path, setting: str, record: frozenset) -> None:
+    def _claim(self, kind: str, folder: Path, setting: str, record) -> None:
         try:
-            self._locks[kind] = claim(folder, setting, record)
+            self._locks[kind] = claim(folder, setting, record() if callable(record) else record)
         except RunDirectoryError as error:
             _refuse(str(error))
 

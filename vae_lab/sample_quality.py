@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 from torch import nn
 
 from vae_lab.data import ImageData, index_batches
+from vae_lab.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +183,6 @@ def latent_probe(train_means: torch.Tensor, train_labels: torch.Tensor, test_mea
 def _save_atomically(state: dict, path: Path) -> None:
     """Write to a unique temporary name and rename: a killed run never leaves half a cache file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-        torch.save(state, partial)
-        os.replace(partial, path)
+        write_atomic(path, lambda file: torch.save(state, file))
     except OSError as error:  # a read-only cache costs a retraining next time, not this evaluation
         log.warning("cannot cache the feature classifier in %s (%s); set VAE_LAB_CACHE to a writable folder", path.parent, error.strerror or error)

@@ -8,6 +8,7 @@ existing or interrupted sweep.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -18,7 +19,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.errors import ConfigError, VaeLabError, first_line
+from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.outcome import TaskOutcome, summary_outcome
 from vae_lab.options import LIKELIHOOD_METRICS, sample_metric_keys
@@ -95,11 +97,12 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
     swept = swept_keys(rows)
     columns = ["job", "status", *swept, *METRICS, *sample_metric_keys(), "epochs", "seconds", "error", "overrides"]
     layout = SweepLayout(sweep_dir)
-    with layout.summary_csv.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    layout.summary_md.write_text(f"# Sweep {sweep_dir}\n\n{markdown_table(rows, swept)}\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(layout.summary_csv, table.getvalue())
+    write_atomic(layout.summary_md, f"# Sweep {sweep_dir}\n\n{markdown_table(rows, swept)}\n")
     _plot(rows, swept, layout.summary_png)
     return rows, swept
 
@@ -149,15 +152,11 @@ def _read_structured(job_dir: Path, name: str, parse, kind: type, described: str
     try:
         value = parse((job_dir / name).read_text())
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
-        reason = getattr(error, "strerror", None) or _first_line(error)
+        reason = getattr(error, "strerror", None) or first_line(error)
         raise JobFileError(f"{name} cannot be read ({reason}; truncated?)") from None
     if value is not None and not isinstance(value, kind):
         raise JobFileError(f"{name} holds a {type(value).__name__}, not {described}")
     return value
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def swept_keys(rows: list[dict]) -> list[str]:
@@ -207,7 +206,7 @@ def _plot(rows: list[dict], swept: list[str], path: Path) -> None:
     ax.set_title(f"Sweep: test -ELBO by {x_key}" + (f", one line per {hue_key}" if hue_key else "")
                  + (f" ({len(rows) - len(done)} jobs without a result)" if len(done) < len(rows) else ""))
     ax.grid(alpha=0.3)
-    figure.savefig(path)
+    write_atomic(path, lambda file: figure.savefig(file, format="png"))
 
 
 def _number(value):

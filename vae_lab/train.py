@@ -10,9 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import signal
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vae_lab import plots
 from vae_lab.checkpoint import (
     MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, plain_config, restore_training_state,
-    save_checkpoint, saved_config, untrusted_target,
+    save_checkpoint, saved_config,
 )
 from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, run_epoch
-from vae_lab.errors import ConfigError, VaeLabError
+from vae_lab.errors import ConfigError, VaeLabError, sigterm_as_keyboard_interrupt
 from vae_lab.layout import RunLayout
 from vae_lab.objectives import Objective
 from vae_lab.outcome import TaskOutcome, training_outcome
@@ -56,7 +54,6 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     """
     device = resolve_device(cfg.device)
     _refuse_used_run_dir(run_dir)
-    _refuse_untrusted(cfg)
     resumed = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
     if resumed is not None:
         cfg = _config_for_resume(cfg, resumed)
@@ -103,7 +100,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
 
     epoch = start_epoch
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_keyboard_interrupt():
             for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
                 objective.kl_scale = kl_warmup(epoch, cfg.train.kl_warmup_epochs)
                 row = _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle)
@@ -250,13 +247,6 @@ def _refuse_used_run_dir(run_dir: Path) -> None:
         )
 
 
-def _refuse_untrusted(cfg: DictConfig) -> None:
-    """The command line may build only what its checkpoints could be rebuilt from (checkpoint.untrusted_target)."""
-    problem = untrusted_target(plain_config(cfg), tuple(cfg.trusted_modules))
-    if problem:
-        raise ConfigError(f"refusing to train: {problem}.")
-
-
 def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
     """The experiment as the checkpoint recorded it, with this run's train settings and data location."""
     saved = saved_config(resumed, cfg.train.resume, tuple(cfg.trusted_modules))
@@ -324,20 +314,3 @@ def _progress_images(model, images: torch.Tensor, folder: Path, epoch: int, cfg:
                             title=f"Samples from the prior after epoch {epoch}")
     logger.log_images("reconstruction", reconstruction, epoch)
     logger.log_images("samples", grid, epoch)
-
-
-@contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM like Ctrl-C for the duration, so both stop between safe points."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signal_number, _frame):
-        raise KeyboardInterrupt(signal_number)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import numbers
 import os
 import types
 import typing
@@ -27,11 +26,12 @@ from collections.abc import Callable
 from pathlib import Path, PurePath
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
-    BINARIZE, DATASETS, EMBEDDINGS, IMAGE_SHAPE, N_COMPONENTS, RECONSTRUCTIONS, RETURN_METRICS, SEED_RANGE, SETTINGS,
-    TASKS, RunSettings, SAMPLERS,
+    BINARIZE, DATASETS, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
+    SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, in_package, is_int, is_number,
 )
 
 # Groups the dry build does not build: building the data reads the data set (the task does that once).
@@ -47,8 +47,18 @@ MAX_FIGURE_IMAGES = 10_000
 MIN_SAMPLE_COUNT = 10
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first setting of `cfg` whose value is not allowed."""
+def validate(cfg: DictConfig, trusted_modules=None) -> None:
+    """Raise ConfigError naming the first setting of `cfg` whose value is not allowed.
+
+    Trust comes first: nothing a config names is imported, let alone built, before every
+    `_target_` in it is known to come from a trusted package. `trusted_modules` defaults
+    to the config's own (a checkpoint's config is checked with the command line's).
+    """
+    if trusted_modules is None:
+        _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
+               "a list of module names, e.g. [my_lab.models]")
+        trusted_modules = tuple(cfg.get("trusted_modules") or ())
+    _refuse_untrusted(cfg, trusted_modules)
     _one_of(cfg, "task", TASKS)
     for key in ("train.batch_size", "train.epochs", "train.checkpoint_every", "train.plot_every", "model.latent_dim",
                 "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
@@ -58,18 +68,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("evaluate.generation_samples", "evaluate.reconstruction_rows", "evaluate.images_per_row"):
         # Each of these is drawn in one figure, at once: a huge number is unreadable and may not fit in memory.
         _check(cfg, key, lambda v: v <= MAX_FIGURE_IMAGES, f"a whole number from 1 to {MAX_FIGURE_IMAGES:,}")
-    _check(cfg, "optim.lr", lambda v: _is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
-    _check(cfg, "train.alpha", lambda v: _is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
+    _check(cfg, "optim.lr", lambda v: is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
+    _check(cfg, "train.alpha", lambda v: is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     _check(cfg, "threads", lambda v: v is None or _is_positive_int(v), "null (torch's default) or a whole number >= 1")
-    _check(cfg, "seed", lambda v: _is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
+    _check(cfg, "seed", lambda v: is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
            f"a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
     for key in ("train.kl_warmup_epochs", "model.blocks"):
         _check(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
-    _check(cfg, "loss.free_bits", lambda v: _is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
-    _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
-           "a list of module names, e.g. [my_lab.models]")
+    _check(cfg, "loss.free_bits", lambda v: is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
     _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
@@ -90,6 +98,74 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task == "train":
         _compile_backend(OmegaConf.select(cfg, "train.compile"))
         dry_build(cfg)
+
+
+# --- 0. trust -----------------------------------------------------------------------------------
+
+
+def _refuse_untrusted(cfg: DictConfig, trusted_modules) -> None:
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"the config cannot be resolved: {str(error).splitlines()[0]}. Fix that setting.") from None
+    present = {group: config[group] for group in GROUP_BASES if group in config}
+    problem = untrusted_target(config, trusted_modules, groups=present)
+    if problem:
+        raise ConfigError(f"refusing to run: {problem}.")
+
+
+def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = None, optional=()) -> str | None:
+    """Why `config` (plain data) would build something it must not, or None.
+
+    Every `_target_` anywhere in it must name a module of a trusted package (OWN_PACKAGES
+    and `trusted_modules`, by whole dotted names), checked by name before anything is
+    imported. Only then is each group's target looked up and checked against the group's
+    base class (options.GROUP_BASES). `groups` (default: the groups of `config`) must each
+    name a class to build, except those in `optional`, which may be absent.
+    """
+    trusted = (*OWN_PACKAGES, *trusted_modules)
+    for where, target in _targets(config):
+        module_name = target.rpartition(".")[0] if isinstance(target, str) else ""
+        if not in_package(module_name, trusted):
+            if not module_name:
+                return f"{where} names no class to build ({target!r})"
+            return (f"{where} is built by {target!r}, and {module_name} is not a trusted module "
+                    "(trusted: vae_lab's own package, torch.optim and the packages you list in trusted_modules=[...])")
+    groups = config if groups is None else groups
+    for group, node in groups.items():
+        if group not in GROUP_BASES or (node is None and group in optional):
+            continue
+        target = node.get("_target_") if isinstance(node, dict) else None
+        if not isinstance(target, str) or "." not in target:
+            return f"{group} names no class to build ({target!r})"
+        try:
+            found = _import_target(target)
+        except (ImportError, AttributeError, ValueError) as error:
+            return f"{group}._target_={target!r} cannot be imported ({error}): check the module and name"
+        base_module, base_name = GROUP_BASES[group]
+        base = getattr(importlib.import_module(base_module), base_name)
+        if not _builds(found, base):
+            kind = " loader" if group == "data" else " class"
+            return f"{group} is built by {target!r}, which is not a {base_module}.{base_name}{kind}"
+    return None
+
+
+def _targets(node, where: str = "") -> list[tuple[str, object]]:
+    """(where, value) of every `_target_` in a plain config, at any depth."""
+    if isinstance(node, dict):
+        found = [(where or "_target_", node["_target_"])] if "_target_" in node else []
+        return found + [hit for key, value in node.items() for hit in _targets(value, f"{where}.{key}" if where else str(key))]
+    if isinstance(node, list):
+        return [hit for index, value in enumerate(node) for hit in _targets(value, f"{where}[{index}]")]
+    return []
+
+
+def _builds(found, base: type) -> bool:
+    if isinstance(found, type):
+        return issubclass(found, base)
+    if callable(found) and base.__name__ == "ImageData":  # a loader function must declare what it returns
+        return inspect.signature(found).return_annotation in (base, base.__name__)
+    return False
 
 
 def _samplers(cfg: DictConfig) -> None:
@@ -199,7 +275,7 @@ def _check_value(key: str, value, hint) -> None:
         words = [word for word in words if word != "text"]
     words = " or ".join(dict.fromkeys(words))
     message = f"{key}={value!r} is not allowed: use {words}"
-    if "a path" in words and _is_number(value):
+    if "a path" in words and is_number(value):
         message += f" (quote a name that looks like a number: '{key}=\"{value}\"')"
     raise ConfigError(message)
 
@@ -219,7 +295,7 @@ def _allowed_by(hint) -> list[tuple[Callable[[object], bool], str]] | None:
         return [(lambda v: isinstance(v, (DictConfig, dict)), "a mapping")]
     if hint not in _SIMPLE:
         return None
-    tests = {int: _is_int, float: _is_number, bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
+    tests = {int: is_int, float: is_number, bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str),
              type(None): lambda v: v is None}
     return [(tests.get(hint, lambda v: isinstance(v, str)), _SIMPLE[hint])]
 
@@ -360,13 +436,5 @@ def _device(name: str) -> None:
         raise ConfigError(f"device={name!r} is not allowed: use {allowed}")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_positive_int(value) -> bool:
-    return _is_int(value) and value >= 1
+    return is_int(value) and value >= 1

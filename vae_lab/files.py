@@ -1,0 +1,81 @@
+"""The one way vae_lab writes a file: complete or not at all, and never through a link.
+
+`write_atomic` creates a new file beside the target (exclusively: a name planted there,
+link or not, is never opened), writes, flushes and fsyncs it under an flock, and renames
+it over the target. A rename replaces a symbolic link planted at the target's name
+itself, never the file it points to. `open_append` is for the one file that grows
+(metrics.csv): opened without following a link.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+try:
+    import fcntl  # POSIX: a write holds a lock on its temporary file until it is renamed
+except ImportError:  # Windows: an open file cannot be deleted, which protects it as well
+    fcntl = None
+
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh hidden name beside `path`: ".<name>.<12 hex digits>.tmp"."""
+    return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def write_atomic(path: Path, content: bytes | str | Callable[[BinaryIO], None]) -> None:
+    """Write `content` (bytes, text, or a function that writes to a binary file) to `path` atomically.
+
+    Raises OSError naming `path` when the write fails; the temporary file is removed then.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_name(path)
+    try:
+        # 0o666 & ~umask, as open() gives (mkstemp's 0600 would stay on the final file).
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o666)
+        with os.fdopen(descriptor, "wb") as file:
+            if fcntl is not None:  # held until closed, or until the process dies
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX)
+            if callable(content):
+                content(file)
+            else:
+                file.write(content.encode() if isinstance(content, str) else content)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from error
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def open_append(path: Path, truncate: bool = False):
+    """`path` opened for appending text (created if absent), refusing a symbolic link there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_FOLLOW | (os.O_TRUNC if truncate else 0)
+    try:
+        descriptor = os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(error.errno, "it is a symbolic link, and vae_lab never writes through one", str(path)) from None
+        raise
+    return os.fdopen(descriptor, "a", newline="")
+
+
+def is_in_use(temporary: Path) -> bool:
+    """Whether a live write holds `temporary` (its flock); False where locks do not exist."""
+    if fcntl is None:
+        return False
+    try:
+        with open(temporary, "rb") as file:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
+        return False
+    except OSError:  # BlockingIOError: a live write holds it; anything else: leave it alone
+        return True
