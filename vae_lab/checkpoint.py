@@ -42,15 +42,15 @@ from vae_lab.files import is_in_use, write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.loggers import METRIC_COLUMNS
 from vae_lab.runtime import build_vae
-from vae_lab.options import EXPERIMENT_GROUPS, IMAGE_SHAPE, RECORDED_ONLY_GROUPS, is_int, is_number
+from vae_lab.options import EXPERIMENT_GROUPS, IMAGE_SHAPE, RECORDED_ONLY_GROUPS, VALUE_KINDS, is_int, is_number
 from vae_lab.validate import untrusted_target, validate
 
 log = logging.getLogger(__name__)
 
 FORMAT = "vae_lab/1"
-# Where the data lives describes the machine, not the experiment: these data settings
-# always come from the current config, never from a checkpoint.
-MACHINE_DATA_KEYS = ("root", "download", "fallback")
+# Where the data lives describes the machine, not the experiment: these data settings come
+# from the current config (when it names the same loader), never from a checkpoint.
+MACHINE_DATA_KEYS = ("root", "download", "fallback", "path", "cache_dir")
 # Every key vae_lab has ever written; a file without one of them was not written by it.
 REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "history", "data")
 # torch.load reads the whole file into memory. A vae_lab checkpoint is a few MB (the
@@ -316,6 +316,8 @@ def _structure_problem(state: dict) -> str | None:
     shape = state.get("image_shape", IMAGE_SHAPE)
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(is_int(v) and 1 <= v <= 4096 for v in shape)):
         return f"image_shape is {shape!r}, not (channels, height, width)"
+    if "data_values" in state and state["data_values"] not in VALUE_KINDS:
+        return f"data_values is {state['data_values']!r}, not one of {', '.join(VALUE_KINDS)}"
     if DIGEST_KEY in state and not (isinstance(state[DIGEST_KEY], str) and re.fullmatch(r"[0-9a-f]{64}", state[DIGEST_KEY])):
         return f"{DIGEST_KEY} is not a sha256 digest"
     if not isinstance(config, dict):
@@ -378,7 +380,7 @@ def saved_config(state: dict, path: str | Path, trusted_modules=()) -> DictConfi
         raise CheckpointError(f"refused {path}: its config builds something vae_lab does not trust: {problem}.")
     config = {"prior": DEFAULT_PRIOR, **{key: config[key] for key in READ_FROM_CHECKPOINT if key in config}}
     saved = OmegaConf.create(config)
-    _check_saved_settings(saved, state["data"], path, trusted_modules)
+    _check_saved_settings(saved, state["data"], path, trusted_modules, state.get("image_shape", IMAGE_SHAPE))
     _check_model_fits(saved, state, path)
     return saved
 
@@ -477,7 +479,7 @@ def _key_paths(node, prefix: tuple = ()) -> list[tuple]:
     return []
 
 
-def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path, trusted_modules) -> None:
+def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path, trusted_modules, image_shape) -> None:
     """The saved experiment, checked with the command line's rules (vae_lab.validate).
 
     What describes this machine or this command (task, device, data location, paths to
@@ -487,13 +489,16 @@ def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path, t
     with open_dict(probe):
         probe.task = "train"
         probe.device = "cpu"
-        probe.data.name = data_name
-        probe.data.root = "."  # a neutral path: where the data lives is this machine's business
+        if "name" in probe.data:
+            probe.data.name = data_name
+        for key in ("root", "path", "cache_dir"):  # neutral paths: where the data lives is this machine's business
+            if key in probe.data:
+                probe.data[key] = "."
         for key in ("train.resume", "evaluate.checkpoint", "summarize.sweep_dir"):
             if OmegaConf.select(probe, key) is not None:
                 OmegaConf.update(probe, key, None)
     try:
-        validate(probe, trusted_modules)
+        validate(probe, trusted_modules, image_shape=tuple(image_shape))
     except ConfigError as error:
         raise CheckpointError(f"refused {path}: its saved config has a setting vae_lab does not accept: {error}") from None
     except OmegaConfBaseException as error:
@@ -533,12 +538,16 @@ def _check_model_fits(saved: DictConfig, state: dict, path: str | Path) -> None:
 
 def data_config_here(state: dict, saved: DictConfig, current_data: DictConfig) -> DictConfig:
     """The checkpoint's data config: the data set it actually used (after any fallback),
-    at this machine's data location (root, download, fallback come from `current_data`)."""
+    at this machine's data location (the MACHINE_DATA_KEYS of `current_data`, when it names
+    the same loader and has the key; else the saved values)."""
     data = saved.data.copy()
+    same_loader = current_data.get("_target_") == data.get("_target_")
     with open_dict(data):
-        data.name = state.get("data", data.name)
+        if "name" in data:
+            data.name = state.get("data", data.name)
         for key in MACHINE_DATA_KEYS:
-            data[key] = _plain_machine_value(key, current_data[key])
+            if key in data and same_loader and key in current_data:
+                data[key] = _plain_machine_value(key, current_data[key])
     return data
 
 
@@ -551,6 +560,22 @@ def _plain_machine_value(key: str, value):
     if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and "${" not in value):
         return value
     raise ConfigError(f"data.{key}={value!r} is not allowed here: use a plain value (a path, true or false), not a config node or an interpolation")
+
+
+def check_data_fits(state: dict, data, path: str | Path) -> None:
+    """The data given now has the image shape and pixel kind the checkpoint was trained on."""
+    saved = tuple(state.get("image_shape", IMAGE_SHAPE))
+    if saved != tuple(data.image_shape):
+        raise CheckpointError(
+            f"{path} was trained on images of shape {list(saved)} (C, H, W), and the data given now ({data.name}) has "
+            f"{list(data.image_shape)}: pass the data it was trained on (data=..., data.path=...)."
+        )
+    values = state.get("data_values")
+    if isinstance(values, str) and values != data.values:
+        raise CheckpointError(
+            f"{path} was trained on {values} images, and the data given now ({data.name}) is {data.values}: "
+            "its likelihoods would not mean the same. Pass the data it was trained on."
+        )
 
 
 def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from vae_lab import plots
-from vae_lab.checkpoint import data_config_here, load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
+from vae_lab.checkpoint import check_data_fits, data_config_here, load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.files import write_atomic
@@ -59,6 +59,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     saved = saved_config(state, path, tuple(cfg.trusted_modules))
     device = resolve_device(cfg.device)
     data = build(data_config_here(state, saved, cfg.data)).to(device)
+    check_data_fits(state, data, path)
     model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape)
     load_model_weights(model, state, path)
     model.to(device)

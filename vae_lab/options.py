@@ -13,6 +13,8 @@ from pathlib import Path
 TASKS = ("train", "evaluate", "summarize")
 DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
 BINARIZE = ("none", "static", "dynamic")
+# What an image's pixels are, before any binarization: 0/1, 256 levels scaled to [0, 1], or any value in [0, 1].
+VALUE_KINDS = ("binary", "8bit", "continuous")
 RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian")
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)

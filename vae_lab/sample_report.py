@@ -59,6 +59,11 @@ def sample_quality(
     if not sample_metrics:
         return {}
 
+    if not data.labelled or len(data.class_names) < 2:
+        # The features come from a classifier of the data set's own classes: without classes there is none.
+        log.warning("sample metrics left out: %s has no class labels, and FID / KID / precision-recall here are measured "
+                    "in the features of a classifier of its classes (give labels, e.g. class folders)", data.name)
+        return {}
     n = min(sample_count, len(data.test_images), len(data.train_images))
     if n <= PR_NEIGHBOURS + 1:
         log.warning("sample metrics skipped: %d test images are too few for precision and recall with k = %d", n, PR_NEIGHBOURS)

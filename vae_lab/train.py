@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
 from vae_lab.checkpoint import (
-    MACHINE_DATA_KEYS, data_config_here, load_checkpoint, load_model_weights, plain_config, restore_training_state,
+    MACHINE_DATA_KEYS, check_data_fits, data_config_here, load_checkpoint, load_model_weights, plain_config, restore_training_state,
     save_checkpoint, saved_config,
 )
 from vae_lab.data import ImageData
@@ -29,6 +29,7 @@ from vae_lab.layout import RunLayout
 from vae_lab.objectives import Objective
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
+from vae_lab.validate import declared_image_shape, dry_build
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     if resumed is not None:
+        check_data_fits(resumed, data, cfg.train.resume)
         _restore(resumed, cfg.train.resume, model, optimizer, scheduler, shuffle, device)
         history = list(resumed["history"])
         log.info("resumed from %s at epoch %d", cfg.train.resume, resumed["epoch"])
@@ -96,6 +98,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
             "history": history,
             "data": data.name,
             "image_shape": list(data.image_shape),
+            "data_values": data.values,
         }
 
     epoch = start_epoch
@@ -170,6 +173,8 @@ def build_training(cfg: DictConfig, device: torch.device) -> Training:
     if not isinstance(data, ImageData):
         raise ConfigError(f"data._target_={cfg.data._target_} returned {type(data).__name__}, not vae_lab.data.ImageData")
     data = data.to(device)
+    if declared_image_shape(cfg) is None:  # a folder, an .npz: the config check could not probe the model before loading
+        dry_build(cfg, data.image_shape)
     model, objective = build_vae(cfg.model, cfg.prior, cfg.loss, data.image_shape)
     model = model.to(device)
     if cfg.train.channels_last:
@@ -261,7 +266,8 @@ def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
         for key in EXPERIMENT_KEYS:
             cfg[key] = saved[key]
         cfg.data = data
-        cfg.data.fallback = False  # resuming never switches data sets: missing data stops the run
+        if "fallback" in cfg.data:
+            cfg.data.fallback = False  # resuming never switches data sets: missing data stops the run
         for key in TRAIN_EXPERIMENT_KEYS:
             cfg.train[key] = saved.train.get(key, defaults.get(key))
     return cfg

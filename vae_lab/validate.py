@@ -26,11 +26,11 @@ from collections.abc import Callable
 from pathlib import Path, PurePath
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
-    BINARIZE, DATASETS, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
+    EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
     SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, in_package, is_int, is_number,
 )
 
@@ -47,12 +47,15 @@ MAX_FIGURE_IMAGES = 10_000
 MIN_SAMPLE_COUNT = 10
 
 
-def validate(cfg: DictConfig, trusted_modules=None) -> None:
+def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
     """Raise ConfigError naming the first setting of `cfg` whose value is not allowed.
 
     Trust comes first: nothing a config names is imported, let alone built, before every
     `_target_` in it is known to come from a trusted package. `trusted_modules` defaults
     to the config's own (a checkpoint's config is checked with the command line's).
+    The dry build probes the model at `image_shape`, else at the shape the data loader
+    declares for its settings (declared_image_shape); a loader that cannot tell before
+    loading (a folder, an .npz) has its run dry-built by the train task once the data is loaded.
     """
     if trusted_modules is None:
         _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
@@ -86,18 +89,18 @@ def validate(cfg: DictConfig, trusted_modules=None) -> None:
     _check(cfg, "evaluate.sample_count", lambda v: _is_positive_int(v) and v >= MIN_SAMPLE_COUNT,
            f"a whole number >= {MIN_SAMPLE_COUNT} (10000 for figures comparable with the README)")
     _check(cfg, "evaluate.sample_metrics", lambda v: isinstance(v, bool), "true or false")
-    _one_of(cfg, "data.name", DATASETS)
-    _one_of(cfg, "data.binarize", BINARIZE)
     _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
     _check(cfg, "evaluate.iw_limit", lambda v: v is None or _is_positive_int(v), "null (all test images) or a whole number >= 1")
     root = OmegaConf.select(cfg, "data.root")
-    if cfg.data.name != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
+    if OmegaConf.select(cfg, "data.name") != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
         raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")
     _device(cfg.device)
     _check_types(cfg)
     if cfg.task == "train":
         _compile_backend(OmegaConf.select(cfg, "train.compile"))
-        dry_build(cfg)
+        image_shape = image_shape or declared_image_shape(cfg)
+        if image_shape is not None:
+            dry_build(cfg, image_shape)
 
 
 # --- 0. trust -----------------------------------------------------------------------------------
@@ -105,7 +108,10 @@ def validate(cfg: DictConfig, trusted_modules=None) -> None:
 
 def _refuse_untrusted(cfg: DictConfig, trusted_modules) -> None:
     try:
-        config = OmegaConf.to_container(cfg, resolve=True)
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        key = error.full_key or "a setting"
+        raise ConfigError(f"{key} is not set: give it on the command line, e.g. {key}=...") from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"the config cannot be resolved: {str(error).splitlines()[0]}. Fix that setting.") from None
     present = {group: config[group] for group in GROUP_BASES if group in config}
@@ -303,7 +309,23 @@ def _allowed_by(hint) -> list[tuple[Callable[[object], bool], str]] | None:
 # --- 3. the dry build ---------------------------------------------------------------------------
 
 
-def dry_build(cfg: DictConfig) -> None:
+def declared_image_shape(cfg: DictConfig) -> tuple[int, ...] | None:
+    """(C, H, W) as the data loader declares it for these settings (vae_lab.data.shape_rule), or None."""
+    node = cfg.get("data")
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return None
+    rule = getattr(_import_target(node._target_), "image_shape_of", None)
+    if rule is None:
+        return None
+    settings = {key: OmegaConf.select(node, key) for key in node if not str(key).startswith("_")}
+    try:
+        shape = rule(**settings)
+    except Exception:  # settings the loader refuses: it says so when it loads
+        return None
+    return tuple(int(v) for v in shape) if shape is not None else None
+
+
+def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> None:
     """Build the cheap parts as training would, so torch's own checks speak before any work."""
     import torch  # only here: the checks above answer without waiting for torch
     from hydra.utils import instantiate
@@ -317,11 +339,11 @@ def dry_build(cfg: DictConfig) -> None:
         model = objective = None
         if all(group in groups for group in VAE_GROUPS):
             def build_model():
-                return build_vae(cfg.model, cfg.prior, cfg.loss, IMAGE_SHAPE)
+                return build_vae(cfg.model, cfg.prior, cfg.loss, image_shape)
 
             _refuse_absurd_size(cfg, build_model, torch)
             model, objective = _attempt(cfg, "model", build_model)
-            _attempt(cfg, "model", lambda: _probe(model, objective, torch))
+            _attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
         for group in groups:
             if group not in VAE_GROUPS:
                 built[group] = _attempt(cfg, group, lambda node=cfg[group]: instantiate(node))
@@ -385,11 +407,11 @@ def _memory_bytes(device: str, torch) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _probe(model, objective, torch) -> None:
+def _probe(model, objective, torch, image_shape) -> None:
     """Two images through the objective (encoder, prior, decoder, likelihood) on the CPU."""
     model.eval()  # as evaluation runs it: nothing here is a training step
     with torch.no_grad():
-        objective(model, torch.rand(2, *IMAGE_SHAPE))
+        objective(model, torch.rand(2, *image_shape))
 
 
 def _step_scheduler(make_scheduler, optimizer) -> None:

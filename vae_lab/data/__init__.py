@@ -1,8 +1,13 @@
 """Data: a whole split as one tensor on the device, and shuffled index batches over it.
 
-MNIST-like data sets are small (60,000 x 784 bytes), so each split is converted once
-to float32 in [0, 1] and kept where the model runs; a batch is an index slice. This
-is what makes an epoch cost no more than the model's own arithmetic.
+A data config is a `_target_` returning ImageData (this package's loaders, or a user's own
+in a trusted module); nothing else names data sets. Each split is converted once to float32
+in [0, 1] and kept where the model runs; a batch is an index slice. This is what makes an
+epoch cost no more than the model's own arithmetic.
+
+Loaders here: load_dataset (MNIST, Fashion-MNIST, the bundled sample: below),
+arrays.load_arrays (.npz), folder.load_image_folder (PNG/JPEG folders), shapes.make_shapes
+(generated colour shapes with known factors).
 """
 from __future__ import annotations
 
@@ -15,8 +20,12 @@ from pathlib import Path
 
 import torch
 
+from typing import Literal
+
+import numpy as np
+
 from vae_lab.errors import VaeLabError
-from vae_lab.options import BINARIZE, DATASETS
+from vae_lab.options import BINARIZE, DATASETS, VALUE_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +50,18 @@ class DataNotFoundError(VaeLabError):
     """No data files where the config points, and no way to get them."""
 
 
+Binarize = Literal[BINARIZE]  # every loader's `binarize` argument: the config check reads the choices from it
+
+
 @dataclass(frozen=True)
 class ImageData:
-    """Both splits of a data set: images (N, 1, 28, 28) float32 in [0, 1], labels (N,) int64."""
+    """Both splits of a data set: images (N, C, H, W) float32 in [0, 1], C = 1 or 3; labels (N,) int64.
+
+    `values` says what a pixel is (VALUE_KINDS), so likelihoods and reports know what a nat
+    means; `labelled` is False for data without classes (labels are then all 0), and the
+    metrics that need classes are left out. `train_factors` / `test_factors` (N, F) hold the
+    generating factors named by `factor_names` where they are known (data=shapes).
+    """
 
     name: str  # the data actually used, e.g. "mnist_5k" after a fallback
     train_images: torch.Tensor
@@ -53,6 +71,21 @@ class ImageData:
     binarize: str = "none"
     fallback: bool = False  # True when `name` replaced the data set asked for
     classes: tuple[str, ...] = ()  # class names for a data set of a user's own; ours are in CLASS_NAMES
+    values: str = "8bit"
+    labelled: bool = True
+    train_factors: torch.Tensor | None = None
+    test_factors: torch.Tensor | None = None
+    factor_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.values not in VALUE_KINDS:
+            raise ValueError(f"values must be one of {VALUE_KINDS}, got {self.values!r}")
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if images.dim() != 4 or images.shape[1] not in (1, 3):
+                raise ValueError(f"{split}_images must be (N, 1 or 3, H, W), got {tuple(images.shape)}")
+            if labels.shape != (len(images),):
+                raise ValueError(f"{split}_labels must be ({len(images)},), got {tuple(labels.shape)}")
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> ImageData:
         """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions)."""
@@ -71,8 +104,8 @@ class ImageData:
 
     @property
     def binary(self) -> bool:
-        """Whether the pixels the likelihoods score are 0/1 (static or dynamic binarization)."""
-        return self.binarize != "none"
+        """Whether the pixels the likelihoods score are 0/1 (binary data, or static or dynamic binarization)."""
+        return self.binarize != "none" or self.values == "binary"
 
     @property
     def dynamic_binarization(self) -> bool:
@@ -88,16 +121,48 @@ class ImageData:
     @property
     def variant(self) -> str:
         """The pixel values the likelihoods are measured on, in words."""
-        return VARIANTS[self.binarize]
+        if self.binarize != "none":
+            return VARIANTS[self.binarize]
+        return {"8bit": VARIANTS["none"], "binary": "binary images (0/1)", "continuous": "continuous values in [0, 1]"}[self.values]
 
 
+def values_of(array: np.ndarray) -> str:
+    """The VALUE_KINDS entry of a pixel array: uint8 is 8-bit; floats that are all 0 or 1 are binary."""
+    if array.dtype == np.uint8:
+        return "8bit"
+    return "binary" if np.isin(array, (0.0, 1.0)).all() else "continuous"
+
+
+def finish(data: ImageData, limit: int | None, binarize: str) -> ImageData:
+    """What every loader does last: at most `limit` images per split, then the fixed binarizations."""
+    if binarize not in BINARIZE:
+        raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
+    if limit is not None:
+        data = replace(data, **{key: getattr(data, key)[:limit] for key in (
+            "train_images", "train_labels", "test_images", "test_labels") if getattr(data, key) is not None},
+            **{key: getattr(data, key)[:limit] for key in ("train_factors", "test_factors") if getattr(data, key) is not None})
+    return _binarize_fixed(replace(data, binarize=binarize))
+
+
+def shape_rule(rule):
+    """Declare a loader's image shape as a function of its settings (None where only loading tells):
+    the config check then dry-builds the model at that shape before any data is read."""
+
+    def declare(loader):
+        loader.image_shape_of = rule
+        return loader
+
+    return declare
+
+
+@shape_rule(lambda **settings: (1, *IMAGE_SIZE))
 def load_dataset(
-    name: str = "mnist",
+    name: Literal[DATASETS] = "mnist",
     root: str | Path = "data",
     download: bool = True,
     fallback: bool = True,
     limit: int | None = None,
-    binarize: str = "none",
+    binarize: Binarize = "none",
 ) -> ImageData:
     """Read a data set into CPU tensors; see conf/data/*.yaml for the arguments."""
     if name not in DATASETS:
@@ -123,9 +188,7 @@ def load_dataset(
             )
             splits = _bundled_sample()
             used, fell_back = BUNDLED, True
-    train_x, train_y, test_x, test_y = (t[:limit] if limit is not None else t for t in splits)
-    data = ImageData(used, train_x, train_y, test_x, test_y, binarize=binarize, fallback=fell_back)
-    return _binarize_fixed(data)
+    return finish(ImageData(used, *splits, fallback=fell_back), limit, binarize)
 
 
 def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,280 @@
+"""Open data: .npz arrays, image folders, generated colour shapes and a user's own loader
+train, evaluate and resume like MNIST; bad data ends in one line naming the file and the fix."""
+import json
+import logging
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_png, compose_config
+from vae_lab.checkpoint import load_checkpoint
+from vae_lab.cli import run_task
+from vae_lab.data import DataCorruptError, DataNotFoundError
+from vae_lab.data.arrays import load_arrays
+from vae_lab.data.folder import load_image_folder
+from vae_lab.data.shapes import FACTORS, make_shapes
+from vae_lab.errors import CheckpointError, ConfigError, VaeLabError
+
+# Small runs: 1 epoch, a few figures, no sample metrics (tests/test_sample_quality.py covers those).
+RUN = ["train.epochs=1", "train.batch_size=32", "evaluate.embedding_points=64", "evaluate.generation_samples=16",
+       "evaluate.images_per_row=8", "train.evaluate_at_end=true"]
+
+
+def save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def digits_npz(tmp_path):
+    """A 1 x 20 x 20 uint8 set with labels: 96 train, 40 test."""
+    rng = np.random.default_rng(0)
+    return save_npz(tmp_path / "digits.npz", x_train=rng.integers(0, 256, (96, 1, 20, 20), dtype=np.uint8),
+                    x_test=rng.integers(0, 256, (40, 1, 20, 20), dtype=np.uint8),
+                    y_train=rng.integers(0, 4, 96), y_test=rng.integers(0, 4, 40))
+
+
+def write_pngs(folder, images, labels=None, names=("a", "b", "c")):
+    """images (N, H, W, 3) uint8 as PNG files, in class folders when labels are given."""
+    for i, image in enumerate(images):
+        target = folder / names[labels[i]] if labels is not None else folder
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(target / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    """60 generated colour shapes, 3 x 32 x 32, as PNGs in one folder per shape."""
+    folder = tmp_path_factory.mktemp("colour") / "shapes"
+    data = make_shapes(train_size=60, test_size=1, image_size=32, seed=3)
+    pixels = (data.train_images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    write_pngs(folder, pixels, data.train_labels.numpy(), names=("circle", "square", "triangle"))
+    return folder
+
+
+# --- the loaders -------------------------------------------------------------------------------
+
+
+def test_an_npz_loads_with_its_shape_labels_and_value_kind(digits_npz):
+    data = load_arrays(digits_npz)
+    assert data.image_shape == (1, 20, 20) and data.values == "8bit" and data.labelled
+    assert data.train_images.dtype == torch.float32 and 0 <= data.train_images.min() and data.train_images.max() <= 1
+    raw = np.load(digits_npz)
+    assert torch.equal(data.train_images[0, 0], torch.from_numpy(raw["x_train"][0, 0]).float() / 255)
+    assert data.train_labels.tolist() == raw["y_train"].tolist() and len(data.test_images) == 40
+    assert data.name == "digits" and data.variant == "intensities in [0, 1]"
+
+
+def test_channels_last_float_arrays_are_read_as_nchw_and_unlabelled_data_says_so(tmp_path):
+    x = np.random.default_rng(1).random((12, 8, 8, 3)).astype(np.float32)
+    data = load_arrays(save_npz(tmp_path / "f.npz", x_train=x, x_test=x[:4]))
+    assert data.image_shape == (3, 8, 8) and data.values == "continuous" and not data.labelled
+    assert torch.allclose(data.train_images[2, 1], torch.from_numpy(x[2, :, :, 1]))
+    binary = load_arrays(save_npz(tmp_path / "b.npz", x_train=(x > 0.5).astype(np.float32), x_test=(x[:4] > 0.5).astype(np.float32)))
+    assert binary.values == "binary" and binary.binary
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x_test=np.zeros((2, 1, 4, 4), np.uint8)), "has no x_train"),
+    (dict(x_train=np.zeros((2, 1, 4, 4), np.int64), x_test=np.zeros((2, 1, 4, 4), np.int64)), "x_train has dtype int64; use uint8"),
+    (dict(x_train=np.full((2, 1, 4, 4), np.nan, np.float32), x_test=np.zeros((2, 1, 4, 4), np.float32)), "NaN or infinite"),
+    (dict(x_train=np.full((2, 1, 4, 4), 2.0, np.float32), x_test=np.zeros((2, 1, 4, 4), np.float32)), "values from 2 to 2; float images must lie in [0, 1]"),
+    (dict(x_train=np.zeros((2, 1, 4, 4), np.uint8), x_test=np.zeros((2, 1, 4, 4), np.uint8), y_train=np.zeros(3, np.int64),
+          y_test=np.zeros(2, np.int64)), "y_train holds 3 labels but x_train holds 2 images"),
+    (dict(x_train=np.zeros((2, 1, 4, 4), np.uint8), x_test=np.zeros((2, 1, 4, 4), np.uint8), y_train=np.zeros(2, np.int64)),
+     "has y_train but not y_test"),
+    (dict(x_train=np.zeros((2, 3, 4, 3), np.uint8), x_test=np.zeros((2, 3, 4, 3), np.uint8)), "Set data.layout=NCHW or data.layout=NHWC"),
+    (dict(x_train=np.zeros((2, 5, 4, 4), np.uint8), x_test=np.zeros((2, 5, 4, 4), np.uint8)), "x_train has 5 channels"),
+    (dict(x_train=np.zeros((2, 1, 4, 4), np.uint8), x_test=np.zeros((2, 1, 6, 6), np.uint8)), "both splits need one image shape"),
+])
+def test_a_bad_npz_is_one_line_naming_the_file_and_what_is_wrong(tmp_path, arrays, message):
+    path = save_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataCorruptError, match=f"cannot use {path}: .*{_escape(message)}"):
+        load_arrays(path)
+
+
+def test_an_npz_of_python_objects_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, x_train=np.array([{"a": 1}], dtype=object), x_test=np.zeros((1, 1, 2, 2), np.uint8))
+    with pytest.raises(DataCorruptError, match="holds Python objects"):
+        load_arrays(path)
+
+
+def test_the_wrong_kind_of_path_says_which_loader_reads_it(tmp_path, digits_npz):
+    with pytest.raises(DataNotFoundError, match="is a folder; data=arrays reads an .npz file .*data=image_folder"):
+        load_arrays(tmp_path)
+    with pytest.raises(DataNotFoundError, match="is a file; data=image_folder reads a folder .*data=arrays"):
+        load_image_folder(digits_npz)
+
+
+def test_an_image_folder_gives_classes_a_seeded_split_and_a_cache_that_follows_the_files(colour_folder, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="vae_lab.data.folder")
+    data = load_image_folder(colour_folder, cache_dir=cache)
+    assert data.image_shape == (3, 32, 32) and data.values == "8bit" and data.classes == ("circle", "square", "triangle")
+    assert len(data.train_images) == 54 and len(data.test_images) == 6 and data.labelled
+    assert "decoded 60 images" in caplog.text
+    again = load_image_folder(colour_folder, cache_dir=cache)  # from the cache: no decoding
+    assert torch.equal(again.train_images, data.train_images) and torch.equal(again.test_labels, data.test_labels)
+    assert caplog.text.count("decoded") == 1
+    assert not any(p.suffix == ".pt" for p in colour_folder.rglob("*"))  # nothing written into the user's folder
+    other_split = load_image_folder(colour_folder, cache_dir=cache, seed=1)
+    assert not torch.equal(other_split.test_labels, data.test_labels) or not torch.equal(other_split.test_images, data.test_images)
+    extra = colour_folder / "circle" / "extra.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(extra)
+    try:
+        grown = load_image_folder(colour_folder, cache_dir=cache)  # a file added: decoded again
+        assert len(grown.train_images) + len(grown.test_images) == 61 and caplog.text.count("decoded") == 3
+    finally:
+        extra.unlink()
+
+
+def test_an_image_folder_converts_channels_resizes_and_keeps_train_and_test_folders(tmp_path):
+    rng = np.random.default_rng(0)
+    write_pngs(tmp_path / "set" / "train", rng.integers(0, 256, (6, 20, 24, 3), dtype=np.uint8), [0, 1, 0, 1, 0, 1])
+    write_pngs(tmp_path / "set" / "test", rng.integers(0, 256, (2, 20, 24, 3), dtype=np.uint8), [0, 1])
+    data = load_image_folder(tmp_path / "set", image_size=16, channels=1)
+    assert data.image_shape == (1, 16, 16) and len(data.train_images) == 6 and len(data.test_images) == 2
+    assert data.classes == ("a", "b") and data.test_labels.tolist() == [0, 1]
+    flat = tmp_path / "flat"
+    write_pngs(flat, rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8))
+    unlabelled = load_image_folder(flat, test_fraction=0.4)
+    assert not unlabelled.labelled and len(unlabelled.test_images) == 2 and unlabelled.image_shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "holds no images of a known format .*: it is empty"),
+    ("text only", "holds no images of a known format .*; it holds notes.txt"),
+    ("corrupt image", "cannot use .*broken.png: it is not a readable image"),
+    ("mixed sizes", "different sizes .*set data.image_size=N"),
+    ("images beside class folders", "holds images .* beside class folders"),
+    ("one image", "holds one image"),
+])
+def test_a_bad_image_folder_is_one_line_naming_what_to_do(tmp_path, case, message):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    if case == "text only":
+        (folder / "notes.txt").write_text("no images here\n")
+    if case == "corrupt image":
+        Image.fromarray(pixels).save(folder / "good.png")
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    if case == "mixed sizes":
+        Image.fromarray(pixels).save(folder / "small.png")
+        Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(folder / "large.png")
+    if case == "images beside class folders":
+        Image.fromarray(pixels).save(folder / "loose.png")
+        (folder / "cats").mkdir()
+        Image.fromarray(pixels).save(folder / "cats" / "cat.png")
+    if case == "one image":
+        Image.fromarray(pixels).save(folder / "only.png")
+    with pytest.raises(VaeLabError, match=message):
+        load_image_folder(folder)
+
+
+def test_shapes_are_seeded_coloured_and_keep_their_factors():
+    data = make_shapes(train_size=64, test_size=16, image_size=24, seed=5)
+    assert data.image_shape == (3, 24, 24) and data.factor_names == FACTORS and data.train_factors.shape == (64, 6)
+    assert torch.equal(data.train_labels, data.train_factors[:, 0].long()) and data.classes == ("circle", "square", "triangle")
+    assert torch.equal(make_shapes(train_size=64, test_size=16, image_size=24, seed=5).train_images, data.train_images)
+    assert not torch.equal(make_shapes(train_size=64, test_size=16, image_size=24, seed=6).train_images, data.train_images)
+    channels = data.train_images.amax(dim=(2, 3))  # (N, 3): each image's brightest value per channel
+    assert (channels.max(1).values - channels.min(1).values > 0.5).float().mean() > 0.9  # colour, not grey
+    covered = (data.train_images.amax(1) > 0).float().mean((1, 2))
+    assert covered.min() > 0.03 and covered.max() < 0.6  # one shape on a background
+    assert make_shapes(train_size=64, test_size=16, limit=10).train_factors.shape == (10, 6)
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["conv_vae", "mlp_vae"])
+def test_a_colour_folder_trains_evaluates_in_colour_and_resumes_bit_exactly(colour_folder, tmp_path, model):
+    data = [f"data=image_folder", f"data.path={colour_folder}", f"data.cache_dir={tmp_path / 'cache'}", f"model={model}"]
+    if model == "mlp_vae":
+        data.append("model.hidden_dim=64")
+    run = tmp_path / "run"
+    run_task(compose_config(*data, *RUN, "train.epochs=2"), run)
+    report = json.loads((run / "results" / "metrics.json").read_text())
+    assert report["data"] == "shapes" and report["test_images"] == 6
+    for figure in ("reconstruction.png", "random_generation.png", "latent_traversal.png"):
+        assert_png(run / "results" / figure, min_side=50)
+    assert _has_colour(run / "results" / "reconstruction.png")  # its odd rows are the colour test images
+    assert _has_colour(run / "progress" / "reconstruction_0002.png")
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["image_shape"] == [3, 32, 32]
+    first = tmp_path / "first"
+    run_task(compose_config(*data, *RUN, "train.evaluate_at_end=false"), first)
+    resumed = tmp_path / "resumed"
+    run_task(compose_config(*RUN, "train.epochs=2", "train.evaluate_at_end=false",
+                            f"train.resume={first / 'checkpoints' / 'last.pt'}"), resumed)
+    a, b = (load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (run, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the data config came from the checkpoint, path and all
+
+
+def test_an_npz_of_another_size_trains_and_evaluates_and_other_data_is_refused(digits_npz, tmp_path):
+    run = tmp_path / "run"
+    run_task(compose_config("data=arrays", f"data.path={digits_npz}", *RUN), run)
+    report = json.loads((run / "results" / "metrics.json").read_text())
+    assert report["data"] == "digits" and report["test_images"] == 40 and np.isfinite(report["iw_nll"])
+    other = save_npz(tmp_path / "other.npz", x_train=np.zeros((8, 1, 12, 12), np.uint8), x_test=np.zeros((8, 1, 12, 12), np.uint8))
+    with pytest.raises(CheckpointError, match=r"trained on images of shape \[1, 20, 20\] .* has \[1, 12, 12\]"):
+        run_task(compose_config("task=evaluate", f"evaluate.checkpoint={run}", "data=arrays", f"data.path={other}"), tmp_path / "e")
+    continuous = save_npz(tmp_path / "c.npz", x_train=np.full((8, 1, 20, 20), 0.3, np.float32), x_test=np.full((8, 1, 20, 20), 0.3, np.float32))
+    with pytest.raises(CheckpointError, match="trained on 8bit images, and the data given now .* is continuous"):
+        run_task(compose_config("task=evaluate", f"evaluate.checkpoint={run}", "data=arrays", f"data.path={continuous}"), tmp_path / "f")
+
+
+def test_a_missing_path_is_one_line_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.path is not set: give it on the command line, e.g. data.path=\.\.\."):
+        run_task(compose_config("data=arrays"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+USER_LOADER = textwrap.dedent('''
+    import torch
+    from vae_lab.data import ImageData
+
+
+    def noise_images(count: int = 64, size: int = 20, limit: int | None = None) -> ImageData:
+        """A user's own data set: seeded noise, 3 x size x size, two classes."""
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(count, 3, size, size, generator=generator)
+        labels = torch.arange(count) % 2
+        return ImageData("noise", images, labels, images[: count // 4], labels[: count // 4], values="continuous")
+''')
+
+
+def test_a_users_own_loader_is_one_function_trusted_by_its_module(tmp_path, monkeypatch):
+    (tmp_path / "my_data.py").write_text(USER_LOADER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loader = ["data._target_=my_data.noise_images", "~data.name", "~data.root", "~data.download", "~data.fallback",
+              "~data.binarize", "+data.count=64"]
+    try:
+        with pytest.raises(ConfigError, match="my_data is not a trusted module"):
+            run_task(compose_config(*loader, *RUN), tmp_path / "refused")
+        assert "my_data" not in sys.modules
+        run = tmp_path / "run"
+        run_task(compose_config(*loader, *RUN, "trusted_modules=[my_data]", "model.latent_dim=3"), run)
+        report = json.loads((run / "results" / "metrics.json").read_text())
+        assert report["data"] == "noise" and report["latent_dim"] == 3
+        evaluated = tmp_path / "evaluated"
+        run_task(compose_config("task=evaluate", "trusted_modules=[my_data]", f"evaluate.checkpoint={run}"), evaluated)
+        assert json.loads((evaluated / "results" / "metrics.json").read_text())["neg_elbo"] == pytest.approx(report["neg_elbo"])
+    finally:
+        sys.modules.pop("my_data", None)
+
+
+def _has_colour(path) -> bool:
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    return bool((pixels.max(2) - pixels.min(2) > 80).mean() > 0.01)
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text).replace(r"\.\*", ".*")

@@ -1,0 +1,186 @@
+"""data=image_folder: any folder of PNG/JPEG images, in torchvision's ImageFolder layout.
+
+    DIR/<class>/*.png        one subfolder per class (labels), or
+    DIR/*.png                a flat folder: no labels
+    DIR/train/..., DIR/test/...   the splits, when both are present; else a seeded split
+                                  with `test_fraction` of the images in the test set
+
+Images are decoded once (Pillow, through torchvision's loader) and cached as uint8 tensors
+in `cache_dir`, never in the user's folder: the cache's key is the list of files (names,
+sizes, modification times) and the settings, so an added or changed file rebuilds it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, finish
+from vae_lab.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+CACHE_VERSION = 1
+
+
+def load_image_folder(path: str | Path, image_size: int | None = None, channels: int | None = None,
+                      test_fraction: float = 0.1, seed: int = 0, limit: int | None = None, binarize: Binarize = "none",
+                      cache_dir: str | Path | None = None) -> ImageData:
+    """The images under `path` as (train, test) splits; see the module docstring."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DataNotFoundError(f"data.path={folder}: no such folder. Point data.path at a folder of images.")
+    if not folder.is_dir():
+        raise DataNotFoundError(f"data.path={folder} is a file; data=image_folder reads a folder of images "
+                                "(for an .npz use data=arrays)")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or null (as the images are), got {channels}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be >= 1 pixel or null (keep the size), got {image_size}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie between 0 and 1, got {test_fraction}")
+    splits = _listing(folder)
+    settings = {"image_size": image_size, "channels": channels, "test_fraction": test_fraction, "seed": seed}
+    cache = _cache_path(cache_dir, folder, splits, settings)
+    tensors = _read_cache(cache)
+    if tensors is None:
+        started = time.perf_counter()
+        tensors = _decode(folder, splits, image_size, channels, test_fraction, seed)
+        log.info("decoded %d images from %s in %.1f s", len(tensors["train_images"]) + len(tensors["test_images"]),
+                 folder, time.perf_counter() - started)
+        _write_cache(cache, tensors)
+    classes = tuple(tensors["classes"])
+    data = ImageData(
+        folder.name, tensors["train_images"].float().div_(255), tensors["train_labels"],
+        tensors["test_images"].float().div_(255), tensors["test_labels"], values="8bit",
+        classes=classes if classes else ("image",), labelled=bool(classes),
+    )
+    return finish(data, limit, binarize)
+
+
+def _listing(folder: Path) -> dict[str, dict[str, list[Path]]]:
+    """{split: {class name ('' without classes): sorted image files}}; split '' when not split on disk."""
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        splits = {"train": _classes(folder / "train"), "test": _classes(folder / "test")}
+        if set(splits["train"]) != set(splits["test"]):
+            raise DataCorruptError(f"cannot use {folder}: train/ has the classes {sorted(splits['train'])} "
+                                   f"and test/ has {sorted(splits['test'])}; both splits need the same class folders")
+    else:
+        splits = {"": _classes(folder)}
+    return splits
+
+
+def _classes(folder: Path) -> dict[str, list[Path]]:
+    files = _images_in(folder)
+    classes = {sub.name: _images_in(sub) for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")}
+    classes = {name: found for name, found in classes.items() if found}
+    if files and classes:
+        raise DataCorruptError(f"cannot use {folder}: it holds images ({files[0].name}, ...) beside class folders "
+                               f"({', '.join(list(classes)[:3])}); put every image in a class folder, or use a flat folder")
+    if not files and not classes:
+        others = [p.name for p in folder.iterdir() if not p.name.startswith(".")][:3]
+        raise DataNotFoundError(f"data.path={folder} holds no images of a known format ({', '.join(EXTENSIONS)})"
+                                + (f"; it holds {', '.join(others)}" if others else ": it is empty"))
+    return classes if classes else {"": files}
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in EXTENSIONS and not p.name.startswith("."))
+
+
+def _cache_path(cache_dir, folder: Path, splits: dict, settings: dict) -> Path | None:
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "folder": str(folder.resolve()), **settings}).encode())
+    for split, classes in splits.items():
+        for name, files in classes.items():
+            for file in files:
+                status = file.stat()
+                digest.update(f"{split}/{name}/{file.name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return Path(cache_dir).expanduser() / "image_folder" / f"{digest.hexdigest()[:32]}.pt"
+
+
+def _read_cache(cache: Path | None) -> dict | None:
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        tensors = torch.load(cache, weights_only=True)
+        for key in ("train_images", "test_images"):
+            assert isinstance(tensors[key], torch.Tensor) and tensors[key].dtype == torch.uint8 and tensors[key].dim() == 4
+        for key in ("train_labels", "test_labels"):
+            assert isinstance(tensors[key], torch.Tensor) and tensors[key].dtype == torch.int64
+        assert isinstance(tensors["classes"], list)
+        return tensors
+    except Exception as error:  # damaged or foreign: decode again
+        log.warning("ignoring the damaged image cache %s (%s); decoding the images again", cache, type(error).__name__)
+        return None
+
+
+def _write_cache(cache: Path | None, tensors: dict) -> None:
+    if cache is None:
+        return
+    try:
+        write_atomic(cache, lambda file: torch.save(tensors, file))
+    except OSError as error:  # an unwritable cache costs a decode next time, not this run
+        log.warning("cannot cache the decoded images in %s (%s)", cache.parent, error.strerror or error)
+
+
+def _decode(folder: Path, splits: dict, image_size, channels, test_fraction: float, seed: int) -> dict:
+    first = next(iter(splits.values()))
+    labelled = "" not in first
+    class_names = sorted(first) if labelled else []
+    decoded = {split: [(path, class_names.index(name) if labelled else 0)
+                       for name, files in classes.items() for path in files] for split, classes in splits.items()}
+    pictures = {split: [_open(path) for path, _ in items] for split, items in decoded.items()}
+    everything = [picture for items in pictures.values() for picture in items]
+    if channels is None:
+        channels = 3 if any(picture.mode not in ("1", "L", "LA", "I", "I;16", "F") for picture in everything) else 1
+    if image_size is None:
+        sizes = {picture.size for picture in everything}
+        if len(sizes) > 1:
+            (w1, h1), (w2, h2) = sorted(sizes)[:2]
+            raise DataCorruptError(f"cannot use {folder}: its images have different sizes ({w1}x{h1}, {w2}x{h2}, ...); "
+                                   "set data.image_size=N to resize and centre-crop every image to N x N")
+    arrays = {split: np.stack([_pixels(picture, channels, image_size) for picture in items])
+              for split, items in pictures.items()}
+    labels = {split: np.array([label for _, label in items], dtype=np.int64) for split, items in decoded.items()}
+    if "" in arrays:  # not split on disk: a seeded split
+        order = np.random.default_rng(seed).permutation(len(labels[""]))
+        test_count = max(1, round(len(order) * test_fraction))
+        if len(order) < 2:
+            raise DataCorruptError(f"cannot use {folder}: it holds one image, and a train and a test split need two")
+        test, train = order[:test_count], order[test_count:]
+        arrays = {"train": arrays[""][train], "test": arrays[""][test]}
+        labels = {"train": labels[""][train], "test": labels[""][test]}
+    return {"train_images": torch.from_numpy(arrays["train"]), "train_labels": torch.from_numpy(labels["train"]),
+            "test_images": torch.from_numpy(arrays["test"]), "test_labels": torch.from_numpy(labels["test"]),
+            "classes": class_names}
+
+
+def _open(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            picture.load()
+            return picture.copy()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise DataCorruptError(f"cannot use {path}: it is not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__}). "
+                               "Remove or replace it.") from None
+
+
+def _pixels(picture, channels: int, image_size: int | None) -> np.ndarray:
+    """(C, H, W) uint8: converted to grey or RGB, resized (shorter side) and centre-cropped when asked."""
+    from torchvision.transforms import functional as F
+
+    picture = picture.convert("L" if channels == 1 else "RGB")
+    if image_size is not None:
+        picture = F.center_crop(F.resize(picture, image_size), image_size)
+    array = np.asarray(picture, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
