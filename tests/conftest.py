@@ -30,6 +30,7 @@ needs_full_data = pytest.mark.skipif(not HAS_FULL_DATA, reason=f"no MNIST IDX fi
 TINY = [
     "device=cpu",
     "threads=1",  # each xdist worker owns one core; torch's default threads would fight over both
+    "figures=false",  # PNGs are half a tiny run's time; tests about figures compose with figures=true
     "data=mnist_5k",
     "data.limit=256",
     "train.epochs=2",

@@ -98,7 +98,7 @@ def test_a_users_own_configs_are_found_beside_the_packaged_ones(tmp_path, how):
 
 
 def test_training_ends_with_the_run_directory_the_files_to_open_and_the_numbers(tmp_path):
-    outcome = run_task(compose_config("train.epochs=1", "data.limit=64", "train.evaluate_at_end=true"), tmp_path)
+    outcome = run_task(compose_config("train.epochs=1", "data.limit=64", "train.evaluate_at_end=true", "figures=true"), tmp_path)
     assert outcome.run_dir == tmp_path
     assert outcome.open_next[:3] == ("results/reconstruction.png", "results/random_generation.png", "results/latent_embedding.png")
     for name in outcome.open_next:

@@ -67,7 +67,7 @@ def test_every_combination_trains_resumes_bit_exactly_and_evaluates(tmp_path, pr
     ("vamp", "iwae", "gaussian"), ("mog", "elbo", "continuous_bernoulli"), ("normal", "elbo", "mse"),
 ])
 def test_a_combination_evaluates_and_says_what_its_nats_are(tmp_path, prior, objective, likelihood):
-    run_task(small(prior, objective, likelihood, "train.epochs=1", "train.evaluate_at_end=true"), tmp_path)
+    run_task(small(prior, objective, likelihood, "train.epochs=1", "train.evaluate_at_end=true", "figures=true"), tmp_path)
     report = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert report["prior"] == {"vamp": "VampPrior", "mog": "MixturePrior", "normal": "NormalPrior"}[prior]
     assert report["kl_estimator"].startswith("closed form" if prior == "normal" else "Monte Carlo")

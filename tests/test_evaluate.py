@@ -22,13 +22,13 @@ def trained(tmp_path_factory):
     from conftest import compose_config
 
     run_dir = tmp_path_factory.mktemp("trained")
-    run_task(compose_config("model.latent_dim=4"), run_dir)
+    run_task(compose_config("model.latent_dim=4", "figures=true"), run_dir)
     return run_dir
 
 
 def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
     # Only the checkpoint is named: latent_dim=4 comes back from the file.
-    outcome = run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path)
+    outcome = run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}", "figures=true"), tmp_path)
     neg_elbo = outcome.value
     report = json.loads((tmp_path / "results" / "metrics.json").read_text())
     row = read_metrics(trained)[-1]
@@ -92,7 +92,7 @@ def test_active_units_on_a_constructed_case():
     (["model.latent_dim=1", "data.binarize=dynamic"], 1),
 ])
 def test_figures_for_every_latent_shape(make_cfg, tmp_path, overrides, latent_dim):
-    run_task(make_cfg("train.epochs=1", "data.limit=128", "train.evaluate_at_end=true", *overrides), tmp_path)
+    run_task(make_cfg("train.epochs=1", "data.limit=128", "train.evaluate_at_end=true", "figures=true", *overrides), tmp_path)
     for name in FIGURES:
         assert_png(tmp_path / "results" / name)
     report = json.loads((tmp_path / "results" / "metrics.json").read_text())

@@ -20,7 +20,7 @@ from vae_lab.data.shapes import FACTORS, make_shapes
 from vae_lab.errors import CheckpointError, ConfigError, VaeLabError
 
 # Small runs: 1 epoch, a few figures, no sample metrics (tests/test_sample_quality.py covers those).
-RUN = ["train.epochs=1", "train.batch_size=32", "evaluate.embedding_points=64", "evaluate.generation_samples=16",
+RUN = ["figures=true", "train.epochs=1", "train.batch_size=32", "evaluate.embedding_points=64", "evaluate.generation_samples=16",
        "evaluate.images_per_row=8", "train.evaluate_at_end=true"]
 
 

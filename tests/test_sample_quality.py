@@ -124,7 +124,7 @@ def test_gmm_sampler_is_seeded_and_follows_the_codes():
 
 def test_every_metric_reaches_metrics_json_the_log_and_summary_csv(make_cfg, tmp_path):
     job = tmp_path / "sweep" / "0"
-    run_task(make_cfg("train.epochs=1", "train.evaluate_at_end=true", "evaluate.sample_metrics=true", "evaluate.sample_count=200"), job)
+    run_task(make_cfg("train.epochs=1", "train.evaluate_at_end=true", "evaluate.sample_metrics=true", "evaluate.sample_count=200", "figures=true"), job)
     results = job / "results"
     report = json.loads((results / "metrics.json").read_text())
     keys = (*LIKELIHOOD_METRICS, *sample_metric_keys())  # the one list the report, summary and MLflow share
@@ -146,7 +146,7 @@ def test_every_metric_reaches_metrics_json_the_log_and_summary_csv(make_cfg, tmp
 
 
 def test_samplers_and_the_switch(make_cfg, tmp_path):
-    run_task(make_cfg("train.epochs=1", "train.evaluate_at_end=true", "evaluate.samplers=[prior]", "evaluate.sample_metrics=false"), tmp_path)
+    run_task(make_cfg("train.epochs=1", "train.evaluate_at_end=true", "evaluate.samplers=[prior]", "evaluate.sample_metrics=false", "figures=true"), tmp_path)
     results = tmp_path / "results"
     report = json.loads((results / "metrics.json").read_text())
     assert not set(sample_metric_keys()) & set(report)

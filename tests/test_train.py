@@ -14,7 +14,7 @@ from vae_lab.loggers import METRIC_COLUMNS
 
 
 def test_two_epochs_write_the_run_directory_contract(make_cfg, tmp_path):
-    cfg = make_cfg("train.checkpoint_every=1", "train.plot_every=1")
+    cfg = make_cfg("train.checkpoint_every=1", "train.plot_every=1", "figures=true")
     final = run_task(cfg, tmp_path).value
 
     rows = read_metrics(tmp_path)
@@ -54,7 +54,7 @@ def test_checkpoint_holds_everything_needed_to_rebuild_and_resume(make_cfg, tmp_
 
 
 def test_periodic_checkpoints_follow_checkpoint_every(make_cfg, tmp_path):
-    run_task(make_cfg("train.epochs=3", "train.checkpoint_every=2", "train.plot_every=2", "data.limit=64"), tmp_path)
+    run_task(make_cfg("train.epochs=3", "train.checkpoint_every=2", "train.plot_every=2", "data.limit=64", "figures=true"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt", "model_2.pt", "model_3.pt"]
     assert sorted(p.name for p in (tmp_path / "progress").glob("reconstruction_*")) == ["reconstruction_0002.png", "reconstruction_0003.png"]
 
@@ -125,10 +125,20 @@ def test_a_used_run_directory_is_not_written_over(make_cfg, tmp_path):
 def test_tensorboard_logger_writes_scalars_and_images_beside_metrics_csv(make_cfg, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_task(make_cfg("logger=tensorboard", "train.plot_every=1"), tmp_path)
+    run_task(make_cfg("logger=tensorboard", "train.plot_every=1", "figures=true"), tmp_path)
     assert len(read_metrics(tmp_path)) == 2
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert {"loss/train", "loss/test", "recon/test", "kl/test", "lr"} <= set(events.Tags()["scalars"])
     test_loss = [event.value for event in events.Scalars("loss/test")]
     assert test_loss == pytest.approx([float(r["test_loss"]) for r in read_metrics(tmp_path)])
     assert {"reconstruction", "samples"} <= set(events.Tags()["images"])
+
+
+def test_figures_false_writes_no_png_and_the_closing_block_names_only_what_exists(make_cfg, tmp_path):
+    outcome = run_task(make_cfg("figures=false", "train.epochs=1", "data.limit=64", "train.evaluate_at_end=true"), tmp_path)
+    assert not list(tmp_path.rglob("*.png"))
+    assert (tmp_path / "results" / "metrics.json").is_file() and (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert outcome.open_next == ("results/metrics.json",)
+    with_figures = run_task(make_cfg("figures=true", "train.epochs=1", "data.limit=64"), tmp_path / "on")
+    assert (tmp_path / "on" / "progress" / "reconstruction_0001.png").is_file()
+    assert with_figures.open_next == ("progress/", "progress/loss_curves.png", "metrics.csv")

@@ -119,11 +119,14 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
         report["likelihood_scale"] = model.likelihood.log_scale.exp().item()
     try:
         with _staging(results_dir) as folder, model.prior.frozen(model.posterior):
-            _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
+            figures = cfg.get("figures", True)
+            if figures:
+                _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
             report.update(sample_quality(
                 model, data, mu, folder, samplers=list(ev.samplers), gmm_components=ev.gmm_components,
                 sample_count=ev.sample_count, sample_metrics=ev.sample_metrics, batch_size=ev.batch_size,
                 cache_dir=ev.cache_dir, seed=cfg.seed, generation_samples=ev.generation_samples, images_per_row=ev.images_per_row,
+                figures=figures,
             ))
             report["seconds"] = round(time.perf_counter() - started, 3)
             write_atomic(folder / REPORT_FILE, json.dumps(report, indent=2) + "\n")

@@ -117,6 +117,7 @@ class RunSettings:
     task: str
     seed: int
     device: str
+    figures: bool
 
 
 SETTINGS = {"train": TrainSettings, "evaluate": EvaluateSettings, "summarize": SummarizeSettings}

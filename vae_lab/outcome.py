@@ -24,16 +24,22 @@ class TaskOutcome:
     headline: dict[str, str] = field(default_factory=dict)  # two or three numbers, formatted
 
 
+def _existing(run_dir: Path, paths) -> tuple[str, ...]:
+    """The paths a user can open: a run with figures=false has no PNGs to point at."""
+    return tuple(path for path in paths if (Path(run_dir) / path.rstrip("/")).exists())
+
+
 def training_outcome(run_dir: Path, value: float, last_epoch: dict, report: dict | None) -> TaskOutcome:
     """After training: the evaluation's figures when there is one, else the progress images."""
     if report is not None:
         return TaskOutcome(
             value, Path(run_dir),
-            (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report), str(RELATIVE.loss_curves)),
+            _existing(run_dir, (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report),
+                                str(RELATIVE.loss_curves))),
             _report_numbers(report),
         )
     return TaskOutcome(
-        value, Path(run_dir), (f"{RELATIVE.progress}/", str(RELATIVE.loss_curves), str(RELATIVE.metrics_csv)),
+        value, Path(run_dir), _existing(run_dir, (f"{RELATIVE.progress}/", str(RELATIVE.loss_curves), str(RELATIVE.metrics_csv))),
         {
             "test -ELBO": f"{last_epoch['test_recon'] + last_epoch['test_kl']:.2f} nats",
             "test loss": f"{last_epoch['test_loss']:.2f}",
@@ -45,7 +51,7 @@ def training_outcome(run_dir: Path, value: float, last_epoch: dict, report: dict
 def evaluation_outcome(run_dir: Path, report: dict) -> TaskOutcome:
     return TaskOutcome(
         report["neg_elbo"], Path(run_dir),
-        (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report)),
+        _existing(run_dir, (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report))),
         _report_numbers(report),
     )
 

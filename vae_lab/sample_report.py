@@ -40,6 +40,7 @@ def sample_quality(
     seed: int,
     generation_samples: int,
     images_per_row: int,
+    figures: bool = True,
 ) -> dict:
     """Draw random_generation_<sampler>.png for every sampler but the prior (whose figure is
     random_generation.png); with sample_metrics, measure and return the metrics (else {}).
@@ -52,7 +53,7 @@ def sample_quality(
     with _timed(seconds, "fit_samplers"):
         fitted = _fit_samplers(samplers, model, train_means, gmm_components, seed)
     for name, sampler in fitted.items():
-        if name != "prior":  # the prior's figure is the reference's random_generation.png
+        if figures and name != "prior":  # the prior's figure is the reference's random_generation.png
             z = sampler.latents(generation_samples, torch.Generator().manual_seed(seed))
             plots.image_grid(decode_images(model, z, batch_size), folder / f"random_generation_{name}.png", nrow=images_per_row,
                              title=f"Random generation: decoded z from the {name} sampler, latent_dim={model.latent_dim}")
@@ -90,8 +91,9 @@ def sample_quality(
             values = {**fidelity(features, real_features, seed), "class_kl": kl_to_uniform(histograms[name])}
             report.update({f"{metric}_{name}": values[metric] for metric in SAMPLE_METRICS})
     report["class_histograms"] = {name: counts.tolist() for name, counts in histograms.items()}
-    plots.class_coverage(histograms, data.class_names, folder / "class_coverage.png",
-                         title=f"Class coverage: predicted classes of {n} images per set (floor: training images)")
+    if figures:
+        plots.class_coverage(histograms, data.class_names, folder / "class_coverage.png",
+                             title=f"Class coverage: predicted classes of {n} images per set (floor: training images)")
     with _timed(seconds, "latent_probe"):
         if train_means is None:
             train_means = encode_all(model, data.train_images, batch_size)[0]

@@ -86,6 +86,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     logger.start(history, config)
     progress_images = data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row]
     saved_epoch = start_epoch
+    figures = cfg.get("figures", True)
 
     def state(epoch: int) -> dict:
         return {
@@ -115,9 +116,10 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
                 logger.log_epoch(row)
                 if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                     save_checkpoint(state(epoch), layout.epoch_checkpoint(epoch))
-                if epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs:
+                if figures and (epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs):
                     _progress_images(model, progress_images, layout.progress, epoch, cfg, logger)
-            plots.loss_curves(history, layout.loss_curves)
+            if figures:
+                plots.loss_curves(history, layout.loss_curves)
     except NonFiniteLossError as error:
         raise VaeLabError(
             f"training diverged: {error} of epoch {epoch}. {_where_to_resume(layout, saved_epoch, cfg.train.epochs)} "
