@@ -75,6 +75,26 @@ def assert_png(path: Path, min_side: int = 100) -> None:
         assert min(image.size) > min_side, (path, image.size)
 
 
+def shared_run(tmp_path_factory, *overrides: str) -> Path:
+    """A finished tiny run with these overrides, trained once per test session and shared by
+    every xdist worker (a file lock on the common temporary folder): tests read it, or copy
+    what they damage, never write into it."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from vae_lab.cli import run_task
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the folder all workers share
+    key = hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:12]
+    run = root / f"shared-run-{key}"
+    with FileLock(str(run) + ".lock"):
+        if not (run / "checkpoints" / "last.pt").is_file():
+            run_task(compose_config(*overrides), run)
+    return run
+
+
 @pytest.fixture(autouse=True, scope="session")
 def feature_classifier_cache(tmp_path_factory):
     """Feature classifiers of every test, and of every run.py a test starts, go to a temporary folder, never ~/.cache."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, compose_config
+from conftest import REPO, TINY, compose_config, shared_run
 import vae_lab.checkpoint as checkpoint
 from vae_lab.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint, save_checkpoint, tensors_digest
 from vae_lab.cli import run_task
@@ -38,10 +38,8 @@ WRITER_FAILURE = "[enforce fail at inline_container.cc:671] . unexpected pos 704
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A tiny finished training run; its last.pt is the template of every crafted file."""
-    run = tmp_path_factory.mktemp("trained") / "run"
-    run_task(compose_config(*SMALL), run)
-    return run
+    """A tiny finished training run (shared by the workers: read only); its last.pt is the template of every crafted file."""
+    return shared_run(tmp_path_factory, *SMALL)
 
 
 @pytest.fixture

@@ -19,11 +19,9 @@ FIGURES = ["reconstruction.png", "random_generation.png", "latent_embedding.png"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny 2-epoch ConvVAE run directory, shared by the tests that only read it."""
-    from conftest import compose_config
+    from conftest import shared_run
 
-    run_dir = tmp_path_factory.mktemp("trained")
-    run_task(compose_config("model.latent_dim=4", "figures=true"), run_dir)
-    return run_dir
+    return shared_run(tmp_path_factory, "model.latent_dim=4", "figures=true")
 
 
 def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
@@ -88,7 +86,7 @@ def test_active_units_on_a_constructed_case():
 
 @pytest.mark.parametrize("overrides, latent_dim", [
     (["model=mlp_vae", "model.latent_dim=2"], 2),  # drawn as it is; traversal over the prior's quantiles
-    (["evaluate.n_components=3", "evaluate.embedding=tsne"], 16),  # 3-D t-SNE; interpolations
+    pytest.param(["evaluate.n_components=3", "evaluate.embedding=tsne"], 16, marks=pytest.mark.slow),  # 3-D t-SNE (3 s); interpolations
     (["model.latent_dim=1", "data.binarize=dynamic"], 1),
 ])
 def test_figures_for_every_latent_shape(make_cfg, tmp_path, overrides, latent_dim):

@@ -15,11 +15,9 @@ def losses(run_dir):
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    from conftest import compose_config
+    from conftest import shared_run
 
-    run_dir = tmp_path_factory.mktemp("plain")
-    run_task(compose_config(*SMALL), run_dir)
-    return losses(run_dir)
+    return losses(shared_run(tmp_path_factory, *SMALL))
 
 
 @pytest.mark.parametrize("option, tolerance", [

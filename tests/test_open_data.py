@@ -192,7 +192,7 @@ def test_shapes_are_seeded_coloured_and_keep_their_factors():
 # --- end to end ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["conv_vae", "mlp_vae"])
+@pytest.mark.parametrize("model", ["conv_vae", pytest.param("mlp_vae", marks=pytest.mark.slow)])
 def test_a_colour_folder_trains_evaluates_in_colour_and_resumes_bit_exactly(colour_folder, tmp_path, model):
     data = [f"data=image_folder", f"data.path={colour_folder}", f"data.cache_dir={tmp_path / 'cache'}", f"model={model}"]
     if model == "mlp_vae":

@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, compose_config
+from conftest import REPO, TINY, compose_config, shared_run
 from test_data import DAMAGE, write_idx_files
 from vae_lab.checkpoint import load_checkpoint, save_checkpoint
 from vae_lab.cli import run_task
@@ -219,8 +220,8 @@ def make_job(sweep: Path, name: str, source: Path, job_json: str | None = None, 
 def files(tmp_path_factory):
     """A trained tiny run, and every kind of bad file a user could point at."""
     root = tmp_path_factory.mktemp("files")
-    run = root / "run"
-    run_task(compose_config("train.evaluate_at_end=true", "data.limit=64", "train.epochs=1"), run)
+    run = root / "run"  # a copy of the workers' shared run: the cases name folders beside it
+    shutil.copytree(shared_run(tmp_path_factory, "train.evaluate_at_end=true", "data.limit=64", "train.epochs=1", "figures=true"), run)
     good = run / "checkpoints" / "last.pt"
     files = {"RUN": run, "ROOT": root, "EMPTY": root / "empty", "MISSING": root / "missing.pt", "TEXT": root / "notes.txt",
              "TRUNCATED": root / "truncated.pt", "FOREIGN": root / "foreign.pt", "ALTERED": root / "altered.pt",
