@@ -10,8 +10,10 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
 
 from conftest import REPO, TINY, compose_config
+from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import CONFIG_DIR, run_task, threads_per_job
 from vae_lab.errors import ConfigError
 
@@ -31,7 +33,7 @@ def vae_lab_script() -> str:
 
 @pytest.mark.slow
 def test_run_py_trains_and_evaluates_into_its_run_directory(tmp_path):
-    result = run_cli("task=train", *TINY, "train.evaluate_at_end=true", f"hydra.run.dir={tmp_path}")
+    result = run_cli("task=train", *TINY, "train.evaluate_at_end=true", "figures=true", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("run.log", "metrics.csv", "checkpoints/last.pt", "checkpoints/model_2.pt",
                  "progress/loss_curves.png", "results/metrics.json", "results/reconstruction.png",
@@ -137,6 +139,8 @@ def test_threads_per_job(threads, launcher, cores, expected):
 def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):
     from threadpoolctl import threadpool_info, threadpool_limits
 
+    if (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) < 2:
+        pytest.skip("threads=2 needs a machine with 2 cores (threads above the core count are refused)")
     before = torch.get_num_threads()
     pools = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
     try:
@@ -148,7 +152,7 @@ def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):
     finally:
         torch.set_num_threads(before)
         threadpool_limits(limits=pools)
-    for bad in ("0", "-2", "two"):
+    for bad in ("0", "-2", "two", "100000"):  # 100000: more threads than cores, whose pools fail to map
         with pytest.raises(ConfigError, match=f"threads={bad!r}" if bad == "two" else f"threads={bad} is not allowed"):
             run_task(compose_config(f"threads={bad}"), tmp_path / bad)
 
@@ -161,3 +165,15 @@ def test_a_joblib_sweep_gives_each_job_its_share_of_the_cores(tmp_path):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     for job in ("0", "1"):
         assert f"torch threads: {max(1, cores // 2)} (JoblibLauncher runs jobs side by side)" in (tmp_path / job / "run.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_record_says_what_ran_not_what_was_typed(tmp_path):
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    assert run_cli(*TINY, "train.epochs=1", "data.limit=32", f"hydra.run.dir={first}").returncode == 0
+    result = run_cli(*TINY, "train.epochs=2", "data.limit=32", "model.latent_dim=4",
+                     f"train.resume={first / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={resumed}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model come from the checkpoint" in result.stdout + result.stderr  # said, and then recorded as run
+    record = OmegaConf.load(resumed / ".hydra" / "config.yaml")
+    assert record.model.latent_dim == 16 == load_checkpoint(resumed / "checkpoints" / "last.pt")["config"]["model"]["latent_dim"]

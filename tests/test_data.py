@@ -156,3 +156,20 @@ def test_an_absent_idx_file_may_fall_back_and_is_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         data = load_dataset("mnist", root=tmp_path, download=False, fallback=True)
     assert data.fallback and "(t10k-labels-idx1-ubyte absent)" in caplog.text
+
+
+def test_idx_archives_are_extracted_and_a_truncated_one_is_named_never_replaced_by_the_fallback(tmp_path):
+    import gzip
+
+    raw = write_idx_files(tmp_path)
+    for path in list(raw.iterdir()):  # the layout torchvision downloads: .gz archives only
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    data = load_dataset("mnist", root=tmp_path, download=False, fallback=True)
+    assert data.name == "mnist" and not data.fallback and data.train_images.shape == (48, 1, 28, 28)
+    for path in list(raw.glob("*-ubyte")):
+        path.unlink()
+    archive = raw / "train-images-idx3-ubyte.gz"
+    archive.write_bytes(archive.read_bytes()[:300])
+    with pytest.raises(DataCorruptError, match=f"cannot use {archive}: the archive is damaged"):
+        load_dataset("mnist", root=tmp_path, download=False, fallback=True)

@@ -3,12 +3,14 @@ import csv
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from vae_lab import sample_quality
 from vae_lab.cli import run_task
+from vae_lab.checkpoint import tensors_digest
 from vae_lab.data import load_dataset
 from vae_lab.errors import ConfigError
 from vae_lab.options import LIKELIHOOD_METRICS, sample_metric_keys
@@ -95,8 +97,35 @@ def test_the_cache_is_reused_invalidated_by_other_data_and_rebuilt_when_corrupt(
     with caplog.at_level(logging.WARNING):
         _, rebuilt = cached_classifier(tiny_data, tmp_path, CPU, 128)
     assert not rebuilt["cached"] and len(trained) == 3
-    assert "corrupt or stale" in caplog.text and first["path"] in caplog.text
+    assert "training it again" in caplog.text and first["path"] in caplog.text
     assert cached_classifier(tiny_data, tmp_path, CPU, 128)[1]["cached"]  # the rebuilt file is good
+
+
+@pytest.mark.parametrize("damage, cause", [
+    ("nan weight", "NaN or infinite weights"),
+    ("one flipped bit", "do not match their digest"),
+    ("a pickle", "not a file vae_lab wrote"),
+])
+def test_a_damaged_classifier_cache_is_retrained_with_one_line_that_never_advises_unsafe_loading(
+        tiny_data, tmp_path, caplog, damage, cause):
+    _, first = cached_classifier(tiny_data, tmp_path, CPU, 128)
+    state = torch.load(first["path"], weights_only=True)
+    name = next(k for k, t in state["weights"].items() if t.is_floating_point() and t.numel() > 1)
+    if damage == "nan weight":
+        state["weights"][name].view(-1)[0] = float("nan")
+        state["weights_sha256"] = tensors_digest(state["weights"])  # a digest that matches: the NaN check must speak
+        torch.save(state, first["path"])
+    elif damage == "one flipped bit":
+        state["weights"][name].view(-1).view(torch.int32)[0] ^= 1 << 3
+        torch.save(state, first["path"])
+    else:
+        import pickle
+        Path(first["path"]).write_bytes(pickle.dumps(Path("/"), protocol=2))  # a global pickle: torch refuses it with its advice
+    with caplog.at_level(logging.WARNING):
+        network, rebuilt = cached_classifier(tiny_data, tmp_path, CPU, 128)
+    assert not rebuilt["cached"] and cause in caplog.text
+    assert "weights_only=False" not in caplog.text and len(caplog.text.strip().splitlines()) == 1
+    assert all(torch.isfinite(t).all() for t in network.state_dict().values() if t.is_floating_point())
 
 
 def test_a_file_made_for_other_data_is_not_loaded(tiny_data, tmp_path, caplog):
@@ -165,3 +194,10 @@ def test_samplers_and_the_switch(make_cfg, tmp_path):
 def test_sample_settings_are_validated(make_cfg, override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate(make_cfg(override))
+
+
+def test_a_mixture_too_large_for_memory_is_left_out_before_it_is_fitted():
+    from vae_lab.samplers import SamplerUnavailable
+
+    with pytest.raises(SamplerUnavailable, match=r"10 full 12000 x 12000 covariances need about 42\.9 GiB .*lower evaluate.gmm_components"):
+        GaussianMixtureSampler(torch.zeros(20, 12000), components=10, seed=0)  # refused before scikit-learn allocates

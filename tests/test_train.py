@@ -1,6 +1,7 @@
 """The train task through the real config: artefacts, exact resume, reproducibility, fallback."""
 import math
 import os
+import re
 import stat
 
 import pytest
@@ -142,3 +143,11 @@ def test_figures_false_writes_no_png_and_the_closing_block_names_only_what_exist
     with_figures = run_task(make_cfg("figures=true", "train.epochs=1", "data.limit=64"), tmp_path / "on")
     assert (tmp_path / "on" / "progress" / "reconstruction_0001.png").is_file()
     assert with_figures.open_next == ("progress/", "progress/loss_curves.png", "metrics.csv")
+
+
+@pytest.mark.parametrize("subdir, cause", [("results", "is where vae_lab writes results"), ("checkpoints/tb", "is where vae_lab writes checkpoints"),
+                                           ("../elsewhere", "leaves the run directory")])
+def test_a_tensorboard_folder_that_clashes_with_the_run_layout_is_refused_before_training(make_cfg, tmp_path, subdir, cause):
+    with pytest.raises(ConfigError, match=f"logger.tensorboard.subdir='{re.escape(subdir)}' {cause}"):
+        run_task(make_cfg("logger=tensorboard", f"logger.tensorboard.subdir={subdir}", "train.evaluate_at_end=true"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.csv").exists()

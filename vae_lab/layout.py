@@ -11,10 +11,27 @@ Users, tests and other tools rely on these names (README, "The run directory").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 LOCK_FILE = ".vae_lab.lock"
 REPORT_FILE = "metrics.json"  # the evaluation's report, in results/ (or wherever an evaluation writes)
+
+
+# The names vae_lab and Hydra give the entries of a run directory; a setting that names a
+# folder inside the run (logger.tensorboard.subdir) must pick another.
+RUN_ENTRIES = ("checkpoints", "progress", "results", "metrics.csv", "job.json", ".hydra", "run.log", LOCK_FILE)
+
+
+def folder_in_run(name: str, setting: str) -> str:
+    """`name` if it is a new folder inside a run directory, else ConfigError saying what to use."""
+    from vae_lab.errors import ConfigError
+
+    parts = PurePath(str(name)).parts
+    if not parts or PurePath(str(name)).is_absolute() or ".." in parts:
+        raise ConfigError(f"{setting}={name!r} leaves the run directory: use a folder name inside it, e.g. {setting}=tensorboard")
+    if parts[0] in RUN_ENTRIES or parts[0].startswith(".results"):
+        raise ConfigError(f"{setting}={name!r} is where vae_lab writes {parts[0]}: use another folder name, e.g. {setting}=tensorboard")
+    return str(name)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 
 from vae_lab.errors import VaeLabError
 from vae_lab.files import open_append
-from vae_lab.layout import RunLayout
+from vae_lab.layout import RunLayout, folder_in_run
 
 METRIC_COLUMNS = (
     "epoch", "lr", "train_loss", "train_recon", "train_kl",
@@ -60,6 +60,7 @@ class TensorBoardLogger:
     """TensorBoard scalars (loss, recon, kl per split; lr) and progress images in <run>/<subdir>."""
 
     def __init__(self, run_dir: Path, subdir: str = "tensorboard"):
+        folder_in_run(subdir, "logger.tensorboard.subdir")  # before the first epoch, not at the end-of-run evaluation
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:

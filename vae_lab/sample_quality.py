@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vae_lab.data import ImageData, index_batches
+from vae_lab.checkpoint import tensors_digest
 from vae_lab.files import write_atomic
 
 log = logging.getLogger(__name__)
@@ -84,22 +85,19 @@ def cached_classifier(data: ImageData, cache_dir: str | Path, device: torch.devi
     path = Path(cache_dir).expanduser() / f"classifier-{data.name}-{key[:20]}.pt"
     if path.is_file():
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if state.get("key") != key:
-                raise ValueError("it was made for other data")
-            network = FeatureClassifier(classes=len(data.class_names), channels=data.image_shape[0])
-            network.load_state_dict(state["weights"])
-            info = {"test_accuracy": float(state["test_accuracy"]), "train_seconds": float(state["train_seconds"])}
+            network, info = _load_cached(path, key, data)
             return network.to(device).eval(), {**info, "cached": True, "path": str(path)}
-        except Exception as error:  # any unreadable or foreign file is rebuilt, never trusted
-            log.warning("the cached classifier %s is corrupt or stale (%s); training it again", path, error)
+        except ValueError as error:  # any unreadable, damaged or foreign file is rebuilt, never trusted
+            log.warning("the cached classifier %s is %s; training it again", path, error)
     log.info("training the %s feature classifier (once per data set; cached in %s)", data.name, path.parent)
     started = time.perf_counter()
     network = train_classifier(data.train_images, data.train_labels, len(data.class_names), device)
     train_seconds = time.perf_counter() - started
     accuracy = classifier_accuracy(network, data.test_images, data.test_labels, batch_size)
     log.info("feature classifier: test accuracy %.2f %% after %.1f s of training", 100 * accuracy, train_seconds)
-    _save_atomically({"key": key, "weights": network.state_dict(), "test_accuracy": accuracy, "train_seconds": train_seconds}, path)
+    weights = network.state_dict()
+    _save_atomically({"key": key, "weights": weights, "weights_sha256": tensors_digest(weights), "test_accuracy": accuracy,
+                      "train_seconds": train_seconds}, path)
     return network.eval(), {"test_accuracy": accuracy, "train_seconds": train_seconds, "cached": False, "path": str(path)}
 
 
@@ -178,6 +176,31 @@ def latent_probe(train_means: torch.Tensor, train_labels: torch.Tensor, test_mea
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=200, random_state=seed))
     probe.fit(train_means.cpu().numpy(), train_labels.cpu().numpy())
     return float(probe.score(test_means.cpu().numpy(), test_labels.cpu().numpy()))
+
+
+def _load_cached(path: Path, key: str, data: ImageData) -> tuple[FeatureClassifier, dict]:
+    """A cached classifier, read as untrusted input: plain tensors only (weights_only), the weights'
+    digest, finite values, the data key. ValueError says, in our words, why it cannot be used."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's own message advises unsafe loading: never repeated
+        raise ValueError(f"unreadable ({type(error).__name__}), not a file vae_lab wrote") from None
+    weights = state.get("weights") if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(t, torch.Tensor) for t in weights.values()):
+        raise ValueError("not a classifier vae_lab wrote")
+    if state.get("key") != key:
+        raise ValueError("made for other data")
+    if state.get("weights_sha256") != tensors_digest(weights):
+        raise ValueError("damaged (its weights do not match their digest)")
+    if not all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point()):
+        raise ValueError("damaged (NaN or infinite weights)")
+    network = FeatureClassifier(classes=len(data.class_names), channels=data.image_shape[0])
+    try:
+        network.load_state_dict(weights)
+        info = {"test_accuracy": float(state["test_accuracy"]), "train_seconds": float(state["train_seconds"])}
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"not a classifier for this data ({type(error).__name__})") from None
+    return network, info
 
 
 def _save_atomically(state: dict, path: Path) -> None:

@@ -40,6 +40,9 @@ class PriorSampler:
         return prior_latents(self.model, n, generator)
 
 
+MAX_MIXTURE_BYTES = 2 * 2**30  # what the gmm sampler's covariance arrays may take
+
+
 class GaussianMixtureSampler:
     """A full-covariance Gaussian mixture over the posterior means of the training images."""
 
@@ -50,6 +53,13 @@ class GaussianMixtureSampler:
 
         if len(train_means) < 2:
             raise SamplerUnavailable(f"a Gaussian mixture needs at least 2 training codes, and there is {len(train_means)}")
+        count, dims = min(components, len(train_means)), train_means.shape[1]
+        # scikit-learn keeps several float64 (K, D, D) arrays (covariances, precisions, their Cholesky factors).
+        needed = 4 * count * dims * dims * 8
+        if needed > MAX_MIXTURE_BYTES:
+            raise SamplerUnavailable(
+                f"{count} full {dims} x {dims} covariances need about {needed / 2**30:.1f} GiB "
+                f"(the limit is {MAX_MIXTURE_BYTES / 2**30:.0f} GiB): lower evaluate.gmm_components or model.latent_dim")
         self.mixture = GaussianMixture(n_components=min(components, len(train_means)), covariance_type="full", random_state=seed)
         self.mixture.fit(train_means.detach().cpu().double().numpy())
 

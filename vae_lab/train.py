@@ -25,6 +25,7 @@ from vae_lab.checkpoint import (
 from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, run_epoch
 from vae_lab.errors import ConfigError, VaeLabError, sigterm_as_keyboard_interrupt
+from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.objectives import Objective
 from vae_lab.outcome import TaskOutcome, training_outcome
@@ -58,6 +59,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     resumed = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
     if resumed is not None:
         cfg = _config_for_resume(cfg, resumed)
+        _record_what_runs(cfg, run_dir)
     if resumed is not None and resumed["epoch"] >= cfg.train.epochs:
         raise ConfigError(
             f"train.epochs={cfg.train.epochs}: the checkpoint {cfg.train.resume} is already at epoch "
@@ -273,6 +275,18 @@ def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
         for key in TRAIN_EXPERIMENT_KEYS:
             cfg.train[key] = saved.train.get(key, defaults.get(key))
     return cfg
+
+
+def _record_what_runs(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra recorded the command line's config in <run>/.hydra/config.yaml; on resume the
+    experiment comes from the checkpoint, so the record is rewritten to say what runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not HydraConfig.get().output_subdir:
+        return
+    record = Path(run_dir) / str(HydraConfig.get().output_subdir) / "config.yaml"
+    if record.is_file():
+        write_atomic(record, OmegaConf.to_yaml(cfg))
 
 
 def _plain(node, drop=()) -> object:

@@ -73,7 +73,9 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
         _check(cfg, key, lambda v: v <= MAX_FIGURE_IMAGES, f"a whole number from 1 to {MAX_FIGURE_IMAGES:,}")
     _check(cfg, "optim.lr", lambda v: is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
-    _check(cfg, "threads", lambda v: v is None or _is_positive_int(v), "null (torch's default) or a whole number >= 1")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _check(cfg, "threads", lambda v: v is None or (_is_positive_int(v) and v <= cores),
+           f"null (torch's default) or a whole number from 1 to {cores} (the cores this process may use)")
     _check(cfg, "seed", lambda v: is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
            f"a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
@@ -342,6 +344,7 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
                 return build_vae(cfg.model, cfg.prior, cfg.loss, image_shape)
 
             _refuse_absurd_size(cfg, build_model, torch)
+            _refuse_absurd_step(cfg, image_shape, torch)
             model, objective = _attempt(cfg, "model", build_model)
             _attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
         for group in groups:
@@ -397,6 +400,29 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
             f"model ({cfg.model.get('_target_')}) with these settings has {count:,} parameters, which need about "
             f"{needed / 2**30:,.0f} GiB to train; this machine has {available / 2**30:,.0f} GiB of {where}. "
             "Use smaller model.* (or prior.*) sizes."
+        )
+
+
+# A training step keeps every layer's activations for the backward pass: for the decoders here
+# about this many floats per decoded pixel (the reference ConvVAE measures about 10).
+ACTIVATION_FLOATS_PER_PIXEL = 16
+
+
+def _refuse_absurd_step(cfg: DictConfig, image_shape, torch) -> None:
+    """A training step decodes train.batch_size x loss.k images (IWAE's samples are not chunked):
+    refuse, before any work, a step whose activations cannot fit in memory."""
+    samples = OmegaConf.select(cfg, "loss.k", default=1)
+    batch = OmegaConf.select(cfg, "train.batch_size", default=1)
+    if not (is_int(samples) and is_int(batch)):
+        return
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    pixels = int(torch.tensor(image_shape).prod())
+    needed, available = samples * batch * pixels * 4 * ACTIVATION_FLOATS_PER_PIXEL, _memory_bytes(device, torch)
+    if needed > available / 2:
+        raise ConfigError(
+            f"loss.k={samples} importance samples x train.batch_size={batch} images decode {samples * batch:,} images per "
+            f"training step, about {needed / 2**30:,.0f} GiB of activations; this machine has {available / 2**30:,.0f} GiB. "
+            "Lower loss.k or train.batch_size."
         )
 
 

@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 
 from vae_lab.errors import VaeLabError
+from vae_lab.files import write_atomic
 from vae_lab.options import BINARIZE, DATASETS, VALUE_KINDS
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[torch.Te
     folder = root.absolute() / dataset_class.__name__ / "raw"
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"data.root={root} is a file; it must be the folder that holds {dataset_class.__name__}/raw")
+    _extract_archives(folder)
     if _absent(folder) and download:
         try:
             dataset_class(str(root), train=True, download=True)  # fetches all four files
@@ -236,6 +238,24 @@ IMAGE_SIZE = (28, 28)
 
 class DataCorruptError(VaeLabError):
     """A data file that is present but damaged: wrong size, wrong format, inconsistent or out of range."""
+
+
+def _extract_archives(folder: Path) -> None:
+    """IDX files present only as their .gz archives (as torchvision downloads them) are
+    extracted; a damaged archive is named as damaged, never taken for absent data."""
+    import gzip
+    import zlib
+
+    for name in _absent(folder):
+        archive = folder / f"{name}.gz"
+        if not archive.is_file():
+            continue
+        try:
+            with gzip.open(archive, "rb") as source:
+                content = source.read()
+        except (OSError, EOFError, zlib.error) as error:
+            raise _corrupt(archive, f"the archive is damaged ({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+        write_atomic(folder / name, content)
 
 
 def _absent(folder: Path) -> list[str]:
