@@ -1,4 +1,6 @@
 """The probabilistic core checked against closed forms: likelihoods, priors, objectives, IW bound."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,3 +249,63 @@ def test_the_iw_bound_approaches_the_exact_likelihood_from_below_as_k_grows(ppca
     assert all(b > exact for b in bounds)  # -log p(x) <= each bound
     assert bounds[0] > bounds[1] > bounds[2] > bounds[3]
     assert bounds[-1] - exact < 0.02 < bounds[0] - exact
+
+
+# --- the discretized logistic mixture (8-bit data) ------------------------------------------------
+
+
+def _all_levels(shape=(1, 2, 3)):
+    """x (256, C, H, W): every pixel at each of the 256 levels in turn."""
+    return (torch.arange(256, dtype=torch.float64) / 255).view(256, 1, 1, 1).expand(256, *shape)
+
+
+@pytest.mark.parametrize("components", [1, 3])
+def test_the_discretized_logistic_gives_the_256_levels_probabilities_that_sum_to_one(components):
+    from vae_lab.likelihoods import DiscretizedLogistic
+
+    likelihood = DiscretizedLogistic(components)
+    torch.manual_seed(components)
+    for _ in range(5):  # random mixture logits, means and log-scales for one pixel
+        output = (torch.randn(1, 3 * components, 1, 1, dtype=torch.float64) * 2).expand(256, -1, -1, -1)
+        log_p = likelihood.log_prob(_all_levels((1, 1, 1)), output)  # (256,): each level of the one pixel
+        assert torch.logsumexp(log_p, 0).exp().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_uniform_discretized_logistic_scores_exactly_8_bits_per_dimension():
+    from vae_lab.likelihoods import DiscretizedLogistic
+
+    # A uniform distribution over the 256 levels: 256 equally weighted components, one narrow one on each level.
+    likelihood = DiscretizedLogistic(256)
+    means = (torch.arange(256, dtype=torch.float64) / 255 * 2 - 1).view(1, 256, 1, 1, 1)
+    output = torch.cat([torch.zeros(1, 256, 1, 1, 1, dtype=torch.float64), means,
+                        torch.full((1, 256, 1, 1, 1), -12.0, dtype=torch.float64)], dim=1).view(1, 3 * 256, 1, 1)
+    likelihood.MIN_LOG_SCALE = -12.0
+    x = _all_levels((1, 1, 1))
+    bits = -likelihood.log_prob(x, output) / math.log(2)
+    assert torch.allclose(bits, torch.full((256,), 8.0, dtype=torch.float64), atol=1e-6)
+
+
+def test_the_edge_levels_take_the_tails():
+    from vae_lab.likelihoods import DiscretizedLogistic
+
+    likelihood = DiscretizedLogistic(1)
+    far_below = torch.tensor([0.0, -30.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1)  # mean far below 0 (in [-1, 1] space)
+    far_above = torch.tensor([0.0, 30.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1)
+    black, white = torch.zeros(1, 1, 1, 1, dtype=torch.float64), torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    assert likelihood.log_prob(black, far_below).exp().item() == pytest.approx(1.0, abs=1e-9)  # all mass in level 0
+    assert likelihood.log_prob(white, far_above).exp().item() == pytest.approx(1.0, abs=1e-9)  # all mass in level 255
+    # level 255 under a logistic(-30, 1): its upper tail from the bin's lower edge, 1 - 1/255 (in [-1, 1] space)
+    assert likelihood.log_prob(white, far_below).item() == pytest.approx(-F.softplus(torch.tensor(31 - 1 / 255, dtype=torch.float64)).item(), abs=1e-9)
+
+
+def test_models_size_their_last_layer_from_the_likelihood():
+    from vae_lab.likelihoods import DiscretizedLogistic
+    from vae_lab.model import ConvVAE, MLPVAE, ResNetVAE
+
+    for model_class in (ConvVAE, MLPVAE, ResNetVAE):
+        model = model_class(latent_dim=3, image_shape=(3, 32, 32), likelihood=DiscretizedLogistic(2)).eval()
+        output = model.decode(torch.randn(4, 3))
+        assert output.shape == (4, 3 * 2 * 3, 32, 32), model_class.__name__
+        assert model.mean(output).shape == (4, 3, 32, 32) and 0 <= model.mean(output).min() <= model.mean(output).max() <= 1
+        x = torch.randint(0, 256, (4, 3, 32, 32)).double().div(255).float()
+        assert torch.isfinite(model.likelihood.log_prob(x, output)).all()

@@ -278,3 +278,17 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text).replace(r"\.\*", ".*")
+
+
+def test_shapes_with_the_discretized_logistic_report_bits_per_dimension(tmp_path):
+    run = tmp_path / "run"
+    run_task(compose_config("data=shapes", "data.train_size=64", "data.test_size=32", "loss.reconstruction=discretized_logistic",
+                            *RUN, "figures=false"), run)
+    report = json.loads((run / "results" / "metrics.json").read_text())
+    assert report["true_log_likelihood"] is True and report["data_values"] == "8bit" and report["image_shape"] == [3, 32, 32]
+    assert report["bits_per_dim"] == pytest.approx(report["neg_elbo"] / (3 * 32 * 32 * np.log(2)))
+    assert report["iw_bits_per_dim"] == pytest.approx(report["iw_nll"] / (3 * 32 * 32 * np.log(2)))
+    assert 0 < report["iw_bits_per_dim"] <= report["bits_per_dim"] + 1e-3 < 8.5  # at most about a uniform model's 8 bits
+    mnist = tmp_path / "mnist"  # the same likelihood on MNIST's intensities (256 levels too), with bce's printout untouched
+    run_task(compose_config("loss.reconstruction=discretized_logistic", *RUN, "figures=false", "data.limit=64"), mnist)
+    assert "bits_per_dim" in json.loads((mnist / "results" / "metrics.json").read_text())

@@ -11,6 +11,11 @@ Which of them give "nats" that are a true log-likelihood of the data:
   continuous_bernoulli       yes, a normalised density on [0, 1] (Loaiza-Ganem & Cunningham 2019)
   gaussian                   yes, a density with a learned variance, one shared over all pixels
   mse                        no: squared error, a Gaussian of variance 1/2 less its constant
+  discretized_logistic       yes on 8-bit data: a probability for each of the 256 levels, from a
+                             mixture of logistics per pixel (Salimans et al. 2017); reported in bits per dimension
+
+A likelihood says how many decoder outputs it needs per image channel (`outputs_per_channel`);
+the models size their last layer from it.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ class Likelihood(nn.Module):
 
     name = ""
     implicit = False  # left out of print(model): the reference printout lists only the networks
+    outputs_per_channel = 1  # decoder outputs per pixel and channel
+    discrete = False  # a probability of each of the 256 levels of 8-bit data (bits per dimension are then exact)
 
     def log_prob(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -36,7 +43,8 @@ class Likelihood(nn.Module):
     def mean(self, output: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(output)
 
-    def is_true_log_likelihood(self, binary_data: bool) -> bool:
+    def is_true_log_likelihood(self, binary_data: bool, values: str = "8bit") -> bool:
+        """Whether its nats are a true log-likelihood of data of this kind (binary or not; vae_lab.data.VALUE_KINDS)."""
         raise NotImplementedError
 
 
@@ -49,7 +57,7 @@ class Bernoulli(Likelihood):
     def log_prob(self, x, output):
         return (x * output - F.softplus(output)).sum(PIXEL_DIMS)
 
-    def is_true_log_likelihood(self, binary_data):
+    def is_true_log_likelihood(self, binary_data, values="8bit"):
         return binary_data
 
 
@@ -61,7 +69,7 @@ class SquaredError(Likelihood):
     def log_prob(self, x, output):
         return -(torch.sigmoid(output) - x).pow(2).sum(PIXEL_DIMS)
 
-    def is_true_log_likelihood(self, binary_data):
+    def is_true_log_likelihood(self, binary_data, values="8bit"):
         return False
 
 
@@ -77,7 +85,7 @@ class ContinuousBernoulli(Likelihood):
     def mean(self, output):
         return _TorchContinuousBernoulli(logits=output, validate_args=False).mean
 
-    def is_true_log_likelihood(self, binary_data):
+    def is_true_log_likelihood(self, binary_data, values="8bit"):
         return True
 
 
@@ -95,11 +103,66 @@ class Gaussian(Likelihood):
         squared = ((x - torch.sigmoid(output)) / scale).pow(2)
         return -(0.5 * squared + self.log_scale + 0.5 * math.log(2 * math.pi)).sum(PIXEL_DIMS)
 
-    def is_true_log_likelihood(self, binary_data):
+    def is_true_log_likelihood(self, binary_data, values="8bit"):
         return True
 
 
-LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, SquaredError, ContinuousBernoulli, Gaussian)}
+class DiscretizedLogistic(Likelihood):
+    """A mixture of `components` logistics per pixel and channel, integrated over each of the 256
+    bins of 8-bit data (Salimans et al. 2017, without the coupling between colour channels).
+
+    The decoder gives, per channel, `components` mixture logits, means and log-scales:
+    output (..., 3 * components * C, H, W). Pixels x in [0, 1] are the levels k / 255; level 0
+    takes the whole lower tail and level 255 the upper one, so the 256 probabilities sum to 1.
+    """
+
+    name = "discretized_logistic"
+    discrete = True
+    BINS = 255  # 256 levels: 255 steps of width 1/255 between 0 and 1 (in [-1, 1]: width 2/255)
+    MIN_LOG_SCALE = -7.0
+
+    def __init__(self, components: int = 5):
+        super().__init__()
+        if components < 1:
+            raise ValueError(f"components must be >= 1, got {components}")
+        self.components = components
+        self.outputs_per_channel = 3 * components
+
+    def _split(self, output: torch.Tensor):
+        """(logits, means in [-1, 1]-space, log-scales), each (..., K, C, H, W)."""
+        *lead, _, height, width = output.shape
+        parts = output.reshape(*lead, 3, self.components, -1, height, width)
+        logits, means, log_scales = parts.unbind(-5)
+        return logits, means, log_scales.clamp(min=self.MIN_LOG_SCALE)
+
+    def log_prob(self, x, output):
+        logits, means, log_scales = self._split(output)
+        centre = (x * 2 - 1).unsqueeze(-4)  # (..., 1, C, H, W), broadcast over the components
+        inverse_scale = torch.exp(-log_scales)
+        upper = inverse_scale * (centre - means + 1 / self.BINS)
+        lower = inverse_scale * (centre - means - 1 / self.BINS)
+        log_cdf_upper = F.logsigmoid(upper)  # log P(X <= upper edge): level 0 takes all of it
+        log_survival_lower = F.logsigmoid(lower) - lower  # log (1 - sigmoid(lower)): level 255 takes all of it
+        # log(sigmoid(upper) - sigmoid(lower)), computed as log sigmoid(upper) + log(1 - exp(logsigmoid(lower) - logsigmoid(upper)))
+        log_bin = log_cdf_upper + torch.log1p(-torch.exp(F.logsigmoid(lower) - log_cdf_upper).clamp(max=1 - 1e-12))
+        # Where the bin is far narrower than the scale, the difference underflows: use the density times the width.
+        mid = inverse_scale * (centre - means)
+        log_density = mid - log_scales - 2 * F.softplus(mid) + math.log(2 / self.BINS)
+        log_bin = torch.where(torch.exp(log_bin) > 1e-5, log_bin, log_density)
+        level = torch.round(x * self.BINS).unsqueeze(-4)
+        log_p = torch.where(level <= 0, log_cdf_upper, torch.where(level >= self.BINS, log_survival_lower, log_bin))
+        mixture = torch.logsumexp(log_p + F.log_softmax(logits, dim=-4), dim=-4)  # (..., C, H, W)
+        return mixture.sum(PIXEL_DIMS)
+
+    def mean(self, output):
+        logits, means, _ = self._split(output)
+        return ((logits.softmax(-4) * means).sum(-4).clamp(-1, 1) + 1) / 2
+
+    def is_true_log_likelihood(self, binary_data, values="8bit"):
+        return values == "8bit" and not binary_data
+
+
+LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, SquaredError, ContinuousBernoulli, Gaussian, DiscretizedLogistic)}
 
 
 def make_likelihood(name: str) -> Likelihood:

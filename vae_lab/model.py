@@ -145,7 +145,9 @@ class ConvVAE(VAE):
             nn.ConvTranspose2d(c2, c1, kernel_size=4, stride=2, padding=1, output_padding=pad[1]),  # (B, c1, 14, 14)
             BatchNorm2d(c1),
             nn.ReLU(),
-            nn.ConvTranspose2d(c1, channels, kernel_size=4, stride=2, padding=1, output_padding=pad[2]),  # (B, C, 28, 28)
+            # (B, C * outputs per channel, 28, 28): one logit per pixel for every likelihood but the mixtures
+            nn.ConvTranspose2d(c1, channels * self.likelihood.outputs_per_channel, kernel_size=4, stride=2, padding=1,
+                               output_padding=pad[2]),
             nn.Sigmoid(),  # in the printout; decode() stops before it
         )
 
@@ -191,8 +193,8 @@ class MLPVAE(VAE):
         self.encoder_std = nn.Linear(hidden_dim, latent_dim)  # log-variance, as in ConvVAE
         self.decoder = nn.Sequential(
             *_dense_stack(latent_dim, hidden_dim, hidden_layers, activation),
-            nn.Linear(hidden_dim, pixels),
-            nn.Unflatten(1, tuple(image_shape)),
+            nn.Linear(hidden_dim, pixels * self.likelihood.outputs_per_channel),
+            nn.Unflatten(1, (image_shape[0] * self.likelihood.outputs_per_channel, *image_shape[1:])),
         )
 
     def posterior(self, x):
@@ -239,7 +241,7 @@ class ResNetVAE(VAE):
             nn.Unflatten(1, (4 * d, *self.sizes[2])), *_res_stack(4 * d, blocks),
             nn.SiLU(), nn.ConvTranspose2d(4 * d, 2 * d, 4, stride=2, padding=1, output_padding=pad[0]), *_res_stack(2 * d, blocks),
             nn.SiLU(), nn.ConvTranspose2d(2 * d, d, 4, stride=2, padding=1, output_padding=pad[1]), *_res_stack(d, blocks),
-            nn.SiLU(), nn.Conv2d(d, image_channels, 3, padding=1),
+            nn.SiLU(), nn.Conv2d(d, image_channels * self.likelihood.outputs_per_channel, 3, padding=1),
         )
 
     def posterior(self, x):

@@ -15,7 +15,7 @@ DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
 BINARIZE = ("none", "static", "dynamic")
 # What an image's pixels are, before any binarization: 0/1, 256 levels scaled to [0, 1], or any value in [0, 1].
 VALUE_KINDS = ("binary", "8bit", "continuous")
-RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian")
+RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian", "discretized_logistic")
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)
 RETURN_METRICS = ("test_loss", "test_neg_elbo")

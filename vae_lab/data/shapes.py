@@ -32,14 +32,14 @@ def make_shapes(train_size: int = 10_000, test_size: int = 1_000, image_size: in
     train_x, train_f = render(train_size, image_size, np.random.default_rng([seed, 0]))
     test_x, test_f = render(test_size, image_size, np.random.default_rng([seed, 1]))
     data = ImageData(
-        "shapes", train_x, train_f[:, 0].long(), test_x, test_f[:, 0].long(), values="continuous", classes=SHAPES,
+        "shapes", train_x, train_f[:, 0].long(), test_x, test_f[:, 0].long(), values="8bit", classes=SHAPES,
         train_factors=train_f, test_factors=test_f, factor_names=FACTORS,
     )
     return finish(data, limit, binarize)
 
 
 def render(count: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (count, 3, size, size) float32 in [0, 1], factors (count, 6) float32)."""
+    """(images (count, 3, size, size) float32 on the 256 levels k / 255, factors (count, 6) float32)."""
     shape = rng.integers(0, len(SHAPES), count)
     colour = rng.integers(0, len(COLOURS), count)
     radius = rng.uniform(0.18, 0.32, count)  # half the shape's extent, as a fraction of the image side
@@ -54,7 +54,8 @@ def render(count: int, size: int, rng: np.random.Generator) -> tuple[torch.Tenso
         part = slice(start, start + CHUNK)
         mask = _masks(shape[part], radius[part], centre_x[part], centre_y[part], angle[part], grid)  # (n, H, W)
         images[part] = mask[:, None] * palette[colour[part]][:, :, None, None]
-    return torch.from_numpy(images), torch.from_numpy(factors)
+    images = np.round(images * 255) / 255  # 8-bit images, as they would be saved: a discrete likelihood applies
+    return torch.from_numpy(images.astype(np.float32)), torch.from_numpy(factors)
 
 
 def _masks(shape, radius, cx, cy, angle, grid) -> np.ndarray:
