@@ -82,6 +82,9 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         type(model).__name__, sum(p.numel() for p in model.parameters()), device,
         data.name, len(data.train_images), len(data.test_images), run_dir,
     )
+    if len(data.train_images) < cfg.train.batch_size:
+        log.warning("the training split holds %d images, fewer than train.batch_size=%d: each epoch is one batch of %d",
+                    len(data.train_images), cfg.train.batch_size, len(data.train_images))
     config = plain_config(cfg)
     layout = RunLayout(run_dir)
     logger = build(cfg.logger)(run_dir)
