@@ -158,6 +158,15 @@ def test_a_config_naming_an_untrusted_module_is_refused_before_anything_runs(tmp
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("node", ["+sampler", "+model.encoder"])
+def test_vae_labs_own_functions_are_trusted_only_as_the_groups_classes(tmp_path, node):
+    victim = tmp_path / "written.txt"
+    cfg = compose_config(f"{node}._target_=vae_lab.files.write_atomic", f"{node}.path={victim}", f"{node}.content=pwned")
+    with pytest.raises(ConfigError, match="outside the groups vae_lab builds .* trusted_modules"):
+        run_task(cfg, tmp_path / "run")
+    assert not victim.exists()
+
+
 def test_trust_is_by_whole_package_name_never_a_string_prefix(tmp_path, monkeypatch):
     marker = tmp_path / "imported"
     (tmp_path / "vae_lab_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Net: pass\n")

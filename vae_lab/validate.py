@@ -139,6 +139,10 @@ def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = Non
                 return f"{where} names no class to build ({target!r})"
             return (f"{where} is built by {target!r}, and {module_name} is not a trusted module "
                     "(trusted: vae_lab's own package, torch.optim and the packages you list in trusted_modules=[...])")
+        if where not in GROUP_BASES and not in_package(module_name, trusted_modules):
+            # vae_lab's own functions are trusted as the groups' classes, not as anything a config may call.
+            return (f"{where} is built by {target!r}: outside the groups vae_lab builds ({', '.join(GROUP_BASES)}), "
+                    "a config may name only the packages you list in trusted_modules=[...]")
     groups = config if groups is None else groups
     for group, node in groups.items():
         if group not in GROUP_BASES or (node is None and group in optional):
