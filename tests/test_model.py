@@ -42,7 +42,7 @@ def test_shapes(model_class, latent_dim):
 
 
 @pytest.mark.parametrize("model_class", [ConvVAE, MLPVAE, ResNetVAE])
-@pytest.mark.parametrize("image_shape", [(1, 32, 32), (3, 28, 28), (1, 27, 29)])
+@pytest.mark.parametrize("image_shape", [(1, 32, 32), (3, 28, 28), (1, 27, 29), (1, 20, 20), (3, 32, 32), (3, 64, 64)])
 def test_models_take_the_image_shape_from_the_data(model_class, image_shape):
     model = model_class(latent_dim=3, image_shape=image_shape).eval()
     x = torch.rand(2, *image_shape)
