@@ -2,6 +2,7 @@
 train, evaluate and resume like MNIST; bad data ends in one line naming the file and the fix."""
 import json
 import logging
+import re
 import sys
 import textwrap
 
@@ -226,6 +227,16 @@ def test_an_npz_of_another_size_trains_and_evaluates_and_other_data_is_refused(d
     continuous = save_npz(tmp_path / "c.npz", x_train=np.full((8, 1, 20, 20), 0.3, np.float32), x_test=np.full((8, 1, 20, 20), 0.3, np.float32))
     with pytest.raises(CheckpointError, match="trained on 8bit images, and the data given now .* is continuous"):
         run_task(compose_config("task=evaluate", f"evaluate.checkpoint={run}", "data=arrays", f"data.path={continuous}"), tmp_path / "f")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data=shapes", "data.train_size=0"], "data (vae_lab.data.shapes.make_shapes) refuses these settings: train_size and test_size must be >= 1"),
+    (["data=image_folder", "data.path=.", "data.channels=2"], "data (vae_lab.data.folder.load_image_folder) refuses these settings: channels must be 1, 3"),
+])
+def test_a_loaders_own_refusal_is_one_line_naming_the_data_group(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_task(compose_config(*overrides), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_missing_path_is_one_line_before_anything_runs(tmp_path):

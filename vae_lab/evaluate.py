@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae_lab import plots
 from vae_lab.checkpoint import check_data_fits, data_config_here, load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
@@ -29,6 +29,7 @@ from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, m
 from vae_lab.outcome import TaskOutcome, evaluation_outcome
 from vae_lab.runtime import build, build_vae, resolve_device
 from vae_lab.sample_report import log_sample_quality, sample_quality
+from vae_lab.validate import attempt
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     state = load_checkpoint(path)
     saved = saved_config(state, path, tuple(cfg.trusted_modules))
     device = resolve_device(cfg.device)
-    data = build(data_config_here(state, saved, cfg.data)).to(device)
+    data_node = OmegaConf.create({"data": data_config_here(state, saved, cfg.data)})
+    data = attempt(data_node, "data", lambda: build(data_node.data)).to(device)
     check_data_fits(state, data, path)
     model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape)
     load_model_weights(model, state, path)

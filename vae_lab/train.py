@@ -30,7 +30,7 @@ from vae_lab.layout import RunLayout
 from vae_lab.objectives import Objective
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
-from vae_lab.validate import declared_image_shape, dry_build
+from vae_lab.validate import attempt, declared_image_shape, dry_build
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def build_training(cfg: DictConfig, device: torch.device) -> Training:
     The train task and benchmarks/speed.py both build through here, so the benchmark
     times exactly what `python run.py` runs.
     """
-    data = build(cfg.data)
+    data = attempt(cfg, "data", lambda: build(cfg.data))  # a loader's own ValueError: one line naming data
     if not isinstance(data, ImageData):
         raise ConfigError(f"data._target_={cfg.data._target_} returned {type(data).__name__}, not vae_lab.data.ImageData")
     data = data.to(device)

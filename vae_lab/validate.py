@@ -349,21 +349,22 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
 
             _refuse_absurd_size(cfg, build_model, torch)
             _refuse_absurd_step(cfg, image_shape, torch)
-            model, objective = _attempt(cfg, "model", build_model)
-            _attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
+            model, objective = attempt(cfg, "model", build_model)
+            attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
         for group in groups:
             if group not in VAE_GROUPS:
-                built[group] = _attempt(cfg, group, lambda node=cfg[group]: instantiate(node))
+                built[group] = attempt(cfg, group, lambda node=cfg[group]: instantiate(node))
         if isinstance(model, torch.nn.Module):
             optimizer = built.get("optim")
             if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer):
-                optimizer = _attempt(cfg, "optim", lambda: built["optim"](model.parameters()))
+                optimizer = attempt(cfg, "optim", lambda: built["optim"](model.parameters()))
             if isinstance(optimizer, torch.optim.Optimizer) and callable(built.get("scheduler")):
-                _attempt(cfg, "scheduler", lambda: _step_scheduler(built["scheduler"], optimizer))
+                attempt(cfg, "scheduler", lambda: _step_scheduler(built["scheduler"], optimizer))
 
 
-def _attempt(cfg: DictConfig, group: str, action: Callable):
-    """Run `action`; whatever it raises becomes one line naming the group and torch's message.
+def attempt(cfg: DictConfig, group: str, action: Callable):
+    """Run `action`; whatever it raises becomes one line naming the group and torch's message
+    (the dry build's groups, and the data loader when a task loads the data).
 
     Hydra names the node it was building (`full_key: prior`), which names the group
     when several are built together.
