@@ -177,3 +177,14 @@ def test_a_resumed_runs_record_says_what_ran_not_what_was_typed(tmp_path):
     assert "model come from the checkpoint" in result.stdout + result.stderr  # said, and then recorded as run
     record = OmegaConf.load(resumed / ".hydra" / "config.yaml")
     assert record.model.latent_dim == 16 == load_checkpoint(resumed / "checkpoints" / "last.pt")["config"]["model"]["latent_dim"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--help", "--cfg=job"])
+def test_printing_into_a_closed_pipe_ends_quietly(flag):
+    reader, writer = os.pipe()
+    os.close(reader)  # `vae-lab --help | head` after head has exited
+    result = subprocess.run([sys.executable, "run.py", *flag.split("=")], cwd=REPO, env=CHECKOUT_ENV, stdout=writer,
+                            stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(writer)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr[-2000:]

@@ -8,9 +8,17 @@ import sys
 from vae_lab.errors import signal_number, sigterm_as_keyboard_interrupt
 
 
+# Hydra's flags that only print (help, the config, the plugins) and then exit.
+PRINT_ONLY_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
+
+
 def main() -> None:
     import signal
 
+    if any(argument in PRINT_ONLY_FLAGS for argument in sys.argv[1:]) and hasattr(signal, "SIGPIPE"):
+        # `vae-lab --help | head`: end quietly when the reader stops, as Unix tools do (a task keeps
+        # Python's handling, so a closed pipe never kills a training in the middle of an epoch).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     with sigterm_as_keyboard_interrupt():
         try:
             from vae_lab.cli import main as run
