@@ -1,5 +1,6 @@
 """The evaluate task: the round trip from training, the likelihood report, the figures."""
 import json
+import logging
 import os
 import stat
 
@@ -115,3 +116,14 @@ def test_existing_results_are_not_written_over(make_cfg, trained, tmp_path):
         run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}"), tmp_path)
     assert (tmp_path / "results" / "metrics.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".results")] == []
+
+
+@pytest.mark.slow  # two trainings with their evaluations, about 5 s
+def test_the_collapse_warning_knows_how_long_the_model_trained(make_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="vae_lab"):
+        run_task(make_cfg("train.epochs=1", "data.limit=64", "train.evaluate_at_end=true"), tmp_path / "short")
+    assert "too few epochs to judge posterior collapse" in caplog.text and "posterior collapse: only" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vae_lab"):  # alpha 50: the KL wins, the posterior collapses
+        run_task(make_cfg("train.epochs=5", "data.limit=64", "train.alpha=50", "train.evaluate_at_end=true"), tmp_path / "long")
+    assert "posterior collapse: only" in caplog.text and "after 5 epochs" in caplog.text
