@@ -98,6 +98,25 @@ def test_a_bad_npz_is_one_line_naming_the_file_and_what_is_wrong(tmp_path, array
         load_arrays(path)
 
 
+def test_a_file_that_is_not_an_npz_archive_is_named(tmp_path):
+    npy = tmp_path / "images.npy"
+    np.save(npy, np.zeros((4, 1, 8, 8), np.uint8))
+    with pytest.raises(DataCorruptError, match="it is not an .npz archive"):
+        load_arrays(npy)
+
+
+def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    folder = tmp_path / "bomb"
+    folder.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "big.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "other.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is then over twice the limit, as a real bomb is
+    with pytest.raises(DataCorruptError, match="cannot use .*big.png: .*decompression bomb"):
+        load_image_folder(folder)
+
+
 def test_an_npz_of_python_objects_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, x_train=np.array([{"a": 1}], dtype=object), x_test=np.zeros((1, 1, 2, 2), np.uint8))

@@ -52,6 +52,8 @@ def load_arrays(path: str | Path, layout: Literal[LAYOUTS] = "auto", limit: int 
 
 
 def _read(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):  # an .npy, a text file, a truncated archive
+        raise _bad(path, "it is not an .npz archive (np.savez writes one); save x_train and x_test with np.savez")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}

@@ -170,6 +170,8 @@ def _open(path: Path):
         with Image.open(path) as picture:
             picture.load()
             return picture.copy()
+    except Image.DecompressionBombError as error:  # a small file that would decode to gigapixels
+        raise DataCorruptError(f"cannot use {path}: {str(error).splitlines()[0]} Remove it, or shrink it.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataCorruptError(f"cannot use {path}: it is not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__}). "
                                "Remove or replace it.") from None
