@@ -169,8 +169,6 @@ CATALOGUE = [
      "latent_embedding.png not drawn: reducing the 16-D latent means to 2 dimensions needs more than 2 test images, and there are 1"),
     ("t-SNE on fewer points than its perplexity", ["data.limit=20", "evaluate.embedding=tsne", "evaluate.embedding_points=10",
                                                    "train.evaluate_at_end=true"], 0, None),
-    ("a data set smaller than one batch", ["data.limit=20", "train.batch_size=64", "train.evaluate_at_end=true"], 0,
-     "the training split holds 20 images, fewer than train.batch_size=64: each epoch is one batch of 20"),
     ("a single test image", ["data.limit=1", "train.evaluate_at_end=true"], 0,
      "latent_traversal.png not drawn: interpolating needs at least 2 test images, and there is 1"),
     ("a Gaussian mixture on a single training code", ["data.limit=1", "evaluate.samplers=[prior,gmm]", "train.evaluate_at_end=true"], 0,

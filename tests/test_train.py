@@ -1,4 +1,5 @@
 """The train task through the real config: artefacts, exact resume, reproducibility, fallback."""
+import logging
 import math
 import os
 import re
@@ -151,3 +152,10 @@ def test_a_tensorboard_folder_that_clashes_with_the_run_layout_is_refused_before
     with pytest.raises(ConfigError, match=f"logger.tensorboard.subdir='{re.escape(subdir)}' {cause}"):
         run_task(make_cfg("logger=tensorboard", f"logger.tensorboard.subdir={subdir}", "train.evaluate_at_end=true"), tmp_path)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+def test_a_training_split_smaller_than_one_batch_trains_and_says_so(make_cfg, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="vae_lab"):
+        run_task(make_cfg("data.limit=20", "train.batch_size=64", "train.epochs=1"), tmp_path)
+    assert "the training split holds 20 images, fewer than train.batch_size=64: each epoch is one batch of 20" in caplog.text
+    assert len(read_metrics(tmp_path)) == 1
