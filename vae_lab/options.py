@@ -50,6 +50,9 @@ GROUP_BASES = {
 }
 # Where the run logged is not part of the experiment: a checkpoint records it, never builds it.
 RECORDED_ONLY_GROUPS = ("logger",)
+# Built together, as runtime.build_vae builds them (the prior gets the model's latent size, the
+# model the prior and the objective's likelihood); the dry build builds them the same way.
+BUILT_WITH_MODEL = ("model", "prior", "loss")
 EXPERIMENT_GROUPS = tuple(group for group in GROUP_BASES if group not in RECORDED_ONLY_GROUPS)
 # Trusted without being listed in trusted_modules: vae_lab's own package, torch's optimizers
 # and schedulers. Trust is by whole dotted package (vae_lab covers vae_lab.model, never vae_lab_evil).

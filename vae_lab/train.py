@@ -28,6 +28,7 @@ from vae_lab.errors import ConfigError, VaeLabError, sigterm_as_keyboard_interru
 from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.objectives import Objective
+from vae_lab.options import EXPERIMENT_GROUPS
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
 from vae_lab.validate import attempt, declared_image_shape, dry_build
@@ -35,7 +36,7 @@ from vae_lab.validate import attempt, declared_image_shape, dry_build
 log = logging.getLogger(__name__)
 
 # What defines the experiment, and so comes from the checkpoint when resuming.
-EXPERIMENT_KEYS = ("model", "prior", "loss", "data", "optim", "scheduler", "seed")
+EXPERIMENT_KEYS = (*EXPERIMENT_GROUPS, "seed")  # the groups a checkpoint builds (options.GROUP_BASES), and the seed
 TRAIN_EXPERIMENT_KEYS = ("alpha", "kl_warmup_epochs")  # train: settings that shape the objective
 
 

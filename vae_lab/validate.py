@@ -30,15 +30,12 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
-    EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
+    BUILT_WITH_MODEL, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
     SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, in_package, is_int, is_number,
 )
 
 # Groups the dry build does not build: building the data reads the data set (the task does that once).
 NOT_DRY_BUILT = ("data",)
-# Built together, as the task builds them (vae_lab.runtime.build_vae: the prior gets the model's
-# latent size, the model the prior and the objective's likelihood).
-VAE_GROUPS = ("model", "prior", "loss")
 # Training keeps weights, gradients and two Adam moments: about four float32 copies of the parameters.
 TRAINING_BYTES_PER_PARAMETER = 16
 MAX_FIGURE_IMAGES = 10_000
@@ -343,7 +340,7 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
         model = objective = None
-        if all(group in groups for group in VAE_GROUPS):
+        if all(group in groups for group in BUILT_WITH_MODEL):
             def build_model():
                 return build_vae(cfg.model, cfg.prior, cfg.loss, image_shape)
 
@@ -352,7 +349,7 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
             model, objective = attempt(cfg, "model", build_model)
             attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
         for group in groups:
-            if group not in VAE_GROUPS:
+            if group not in BUILT_WITH_MODEL:
                 built[group] = attempt(cfg, group, lambda node=cfg[group]: instantiate(node))
         if isinstance(model, torch.nn.Module):
             optimizer = built.get("optim")
