@@ -12,6 +12,10 @@ from vae_lab.runtime import build
 
 from conftest import REPO
 
+# The benchmark harness, not the product: in the full suite only (it builds the reference model and
+# the bundled data for each comparison, about 6 s of the fast tier).
+pytestmark = pytest.mark.slow
+
 REFERENCE_PARAMETERS = 96_481  # the reference ConvVAE's printout
 
 

@@ -1,5 +1,6 @@
 """The command line as a user runs it: three entry points, configs of their own, the closing block, threads."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,38 @@ def test_without_evaluation_the_block_points_at_the_progress_images(tmp_path):
 ])
 def test_threads_per_job(threads, launcher, cores, expected):
     assert threads_per_job(threads, launcher, cores) == expected
+
+
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+@pytest.mark.parametrize("launcher, free, expected", [
+    (None, 3, 3),                                     # the cores free now
+    (None, None, None),                               # no way to tell (not Linux): torch's default
+    ({"_target_": JOBLIB, "n_jobs": 2}, 1, 4),        # a parallel sweep shares the cores as it does for null
+    ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 2, 2),
+])
+def test_threads_auto_takes_the_free_cores_unless_jobs_share_them(launcher, free, expected):
+    assert threads_per_job("auto", launcher, 8, free) == expected
+
+
+def test_the_free_cores_are_read_from_the_machine_and_auto_says_how_many(tmp_path):
+    from vae_lab.cli import free_cores
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("free cores are read from /proc/stat, which this system lacks (threads=auto is torch's default here)")
+    assert 1 <= free_cores(cores) <= cores
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    before = torch.get_num_threads()
+    pools = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
+    try:
+        run_task(compose_config("threads=auto", "train.epochs=1", "data.limit=32"), tmp_path)
+        assert re.search(rf"torch threads: (\d+) \(threads=auto: \1 of {cores} cores free\)", (tmp_path / "run.log").read_text())
+    finally:
+        torch.set_num_threads(before)
+        threadpool_limits(limits=pools)
 
 
 def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):

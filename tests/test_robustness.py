@@ -157,7 +157,7 @@ CATALOGUE = [
      "model (vae_lab.model.MLPVAE) with these settings has 163,000,000,824 parameters"),
     ("IWAE samples that exhaust memory", ["loss=iwae", "loss.k=20000"], 2,
      "loss.k=20000 importance samples x train.batch_size=64 images decode 1,280,000 images per training step"),
-    ("more threads than cores", ["threads=100000"], 2, "threads=100000 is not allowed: use null (torch's default) or a whole number from 1 to"),
+    ("more threads than cores", ["threads=100000"], 2, "threads=100000 is not allowed: use auto (the cores free now), null (torch's default) or a whole number from 1 to"),
     ("a TensorBoard folder over the results", ["logger=tensorboard", "logger.tensorboard.subdir=results"], 2,
      "logger.tensorboard.subdir='results' is where vae_lab writes results"),
     ("absurd figure size", ["task=evaluate", "evaluate.checkpoint=RUN", "evaluate.generation_samples=1000000000"], 2,

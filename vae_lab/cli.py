@@ -94,15 +94,17 @@ def run_task(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     return outcome
 
 
-def set_threads(threads: int | None) -> None:
-    """torch.set_num_threads before any work: `threads`, else a share of the cores in a parallel sweep.
+def set_threads(threads: int | str | None) -> None:
+    """torch.set_num_threads before any work: `threads`, the free cores (auto), or a share of the cores in a parallel sweep.
 
     The same count caps the BLAS and OpenMP pools that numpy and scikit-learn use (the gmm
     sampler, t-SNE, the latent probe): on a busy machine their default threads collapse as
     torch's do (the Gaussian mixture fit ran 2x slower with 2 threads than with 1 here).
     """
     launcher = _parallel_launcher()
-    count = threads_per_job(threads, launcher, _cores())
+    cores = _cores()
+    free = free_cores(cores) if threads == "auto" else None
+    count = threads_per_job(threads, launcher, cores, free)
     if count is None:
         return
     import torch  # only here: `--help` and config errors should not wait for torch
@@ -110,20 +112,29 @@ def set_threads(threads: int | None) -> None:
 
     torch.set_num_threads(count)
     threadpool_limits(limits=count)  # for the rest of the process
-    reason = "threads=" + str(threads) if threads is not None else f"{launcher.get('_target_', '').rpartition('.')[2]} runs jobs side by side"
+    shared = launcher is not None and threads_per_job(None, launcher, cores) is not None and threads in (None, "auto")
+    if shared:
+        reason = f"{launcher.get('_target_', '').rpartition('.')[2]} runs jobs side by side"
+    elif threads == "auto":
+        reason = f"threads=auto: {free} of {cores} cores free"
+    else:
+        reason = f"threads={threads}"
     log.info("torch threads: %d (%s)", count, reason)
 
 
-def threads_per_job(threads: int | None, launcher: dict | None, cores: int) -> int | None:
+def threads_per_job(threads: int | str | None, launcher: dict | None, cores: int, free: int | None = None) -> int | None:
     """The thread count for this process, or None for torch's default.
 
-    The user's `threads` wins. A launcher that runs jobs at once on this machine gives
+    A number of the user's wins. `auto` (the default) and null let a launcher that runs jobs
+    side by side share the cores; otherwise `auto` takes the `free` cores (measured by
+    free_cores: on a machine shared with other work, threads beyond the free cores wait on
+    each other), and null leaves torch's default. A launcher that runs jobs at once on this machine gives
     each job cores // (jobs at once): joblib runs hydra.launcher.n_jobs at once
     (negative counts back from the cores, as joblib does); submitit_local starts every
     job of the sweep at once and a job cannot tell how many there are, so it gets
     hydra.launcher.cpus_per_task threads if set, else 1.
     """
-    if threads is not None:
+    if threads is not None and threads != "auto":
         return threads
     target = (launcher or {}).get("_target_", "")
     if target.endswith("JoblibLauncher"):
@@ -132,7 +143,26 @@ def threads_per_job(threads: int | None, launcher: dict | None, cores: int) -> i
         return max(1, cores // at_once)
     if target.endswith("submitit_launcher.LocalLauncher"):
         return launcher.get("cpus_per_task") or 1
-    return None
+    return free if threads == "auto" else None
+
+
+def free_cores(cores: int, interval: float = 0.2) -> int | None:
+    """The cores idle now, from /proc/stat over `interval` seconds (Linux); None where it cannot tell."""
+    def sample():
+        with open("/proc/stat") as file:
+            fields = [int(v) for v in file.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, total (user..steal)
+
+    try:
+        idle_before, total_before = sample()
+        time.sleep(interval)
+        idle_after, total_after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total_after <= total_before:
+        return None
+    idle_share = (idle_after - idle_before) / (total_after - total_before)
+    return max(1, min(cores, round(idle_share * (os.cpu_count() or cores))))
 
 
 def _parallel_launcher() -> dict | None:

@@ -71,8 +71,8 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
     _check(cfg, "optim.lr", lambda v: is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    _check(cfg, "threads", lambda v: v is None or (_is_positive_int(v) and v <= cores),
-           f"null (torch's default) or a whole number from 1 to {cores} (the cores this process may use)")
+    _check(cfg, "threads", lambda v: v is None or v == "auto" or (_is_positive_int(v) and v <= cores),
+           f"auto (the cores free now), null (torch's default) or a whole number from 1 to {cores} (the cores this process may use)")
     _check(cfg, "seed", lambda v: is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
            f"a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
