@@ -578,7 +578,8 @@ def assert_interrupted(process: subprocess.Popen, number: int, run_dir: Path) ->
     return output
 
 
-SLOW_FIGURES = ["evaluate.embedding=tsne", "data.limit=256", "evaluate.embedding_points=256"]
+# An evaluation slow enough to be interrupted in its figures (the tiny runs leave figures out).
+SLOW_FIGURES = ["figures=true", "evaluate.embedding=tsne", "data.limit=256", "evaluate.embedding_points=256"]
 
 
 @pytest.mark.slow

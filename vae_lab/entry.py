@@ -7,7 +7,6 @@ import sys
 
 from vae_lab.errors import signal_number, sigterm_as_keyboard_interrupt
 
-
 # Hydra's flags that only print (help, the config, the plugins) and then exit.
 PRINT_ONLY_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc")
 
@@ -19,11 +18,23 @@ def main() -> None:
         # `vae-lab --help | head`: end quietly when the reader stops, as Unix tools do (a task keeps
         # Python's handling, so a closed pipe never kills a training in the middle of an epoch).
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    received = []
+
+    def record(number, _frame):
+        received.append(number)
+        raise KeyboardInterrupt(number)
+
+    # While the libraries load, a signal is also recorded: an import that swallows the
+    # KeyboardInterrupt (a bare `except:` somewhere) must not let the command run on.
+    signal.signal(signal.SIGINT, record)
+    signal.signal(signal.SIGTERM, record)
+    try:
+        from vae_lab.cli import main as run
+    except KeyboardInterrupt as interrupt:
+        received.append(signal_number(interrupt))
+    if received:
+        print(f"interrupted by {signal.Signals(received[0]).name} while starting; nothing was written.", file=sys.stderr)
+        sys.exit(128 + received[0])
     with sigterm_as_keyboard_interrupt():
-        try:
-            from vae_lab.cli import main as run
-        except KeyboardInterrupt as interrupt:
-            number = signal_number(interrupt)
-            print(f"interrupted by {signal.Signals(number).name} while starting; nothing was written.", file=sys.stderr)
-            sys.exit(128 + number)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         run()
