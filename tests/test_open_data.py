@@ -153,6 +153,19 @@ def test_an_image_folder_gives_classes_a_seeded_split_and_a_cache_that_follows_t
         extra.unlink()
 
 
+def test_a_damaged_image_cache_is_decoded_again_never_used(colour_folder, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    first = load_image_folder(colour_folder, cache_dir=cache)
+    (path,) = (cache / "image_folder").glob("*.pt")
+    state = torch.load(path, weights_only=True)
+    state["train_images"][0, 0, 0, 0] ^= 0x40  # one changed pixel: its digest no longer matches
+    torch.save(state, path)
+    with caplog.at_level(logging.WARNING, logger="vae_lab.data.folder"):
+        again = load_image_folder(colour_folder, cache_dir=cache)
+    assert "ignoring the damaged image cache" in caplog.text
+    assert torch.equal(again.train_images, first.train_images)
+
+
 def test_an_image_folder_converts_channels_resizes_and_keeps_train_and_test_folders(tmp_path):
     rng = np.random.default_rng(0)
     write_pngs(tmp_path / "set" / "train", rng.integers(0, 256, (6, 20, 24, 3), dtype=np.uint8), [0, 1, 0, 1, 0, 1])

