@@ -17,6 +17,7 @@ from conftest import REPO, TINY, compose_config
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import CONFIG_DIR, run_task, threads_per_job
 from vae_lab.errors import ConfigError
+from vae_lab.options import usable_cores
 
 # The checkout first on the path, so every entry point (the vae-lab script too) runs this code.
 CHECKOUT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -153,7 +154,7 @@ def test_threads_auto_takes_the_free_cores_unless_jobs_share_them(launcher, free
 def test_the_free_cores_are_read_from_the_machine_and_auto_says_how_many(tmp_path):
     from vae_lab.cli import free_cores
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if not os.path.exists("/proc/stat"):
         pytest.skip("free cores are read from /proc/stat, which this system lacks (threads=auto is torch's default here)")
     assert 1 <= free_cores(cores) <= cores
@@ -172,7 +173,7 @@ def test_the_free_cores_are_read_from_the_machine_and_auto_says_how_many(tmp_pat
 def test_threads_setting_is_applied_before_the_work_and_validated(tmp_path):
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    if (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) < 2:
+    if usable_cores() < 2:
         pytest.skip("threads=2 needs a machine with 2 cores (threads above the core count are refused)")
     before = torch.get_num_threads()
     pools = {pool["user_api"]: pool["num_threads"] for pool in threadpool_info()}
@@ -195,7 +196,7 @@ def test_a_joblib_sweep_gives_each_job_its_share_of_the_cores(tmp_path):
     result = run_cli("-m", *TINY, "train.epochs=1", "data.limit=32", "train.alpha=0.5,1.0", "hydra/launcher=joblib",
                      "hydra.launcher.n_jobs=2", "threads=null", f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     for job in ("0", "1"):
         assert f"torch threads: {max(1, cores // 2)} (JoblibLauncher runs jobs side by side)" in (tmp_path / job / "run.log").read_text()
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vae_lab.errors import USER_ERROR_EXIT, VaeLabError, signal_number, sigterm_as_keyboard_interrupt
 from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
+from vae_lab.options import usable_cores
 from vae_lab.outcome import TaskOutcome, closing_block
 from vae_lab.validate import validate
 
@@ -102,8 +103,9 @@ def set_threads(threads: int | str | None) -> None:
     torch's do (the Gaussian mixture fit ran 2x slower with 2 threads than with 1 here).
     """
     launcher = _parallel_launcher()
-    cores = _cores()
-    free = free_cores(cores) if threads == "auto" else None
+    cores = usable_cores()
+    share = threads_per_job(None, launcher, cores)  # what a launcher running jobs side by side gives each job
+    free = free_cores(cores) if threads == "auto" and share is None else None  # measured only where it decides
     count = threads_per_job(threads, launcher, cores, free)
     if count is None:
         return
@@ -112,13 +114,12 @@ def set_threads(threads: int | str | None) -> None:
 
     torch.set_num_threads(count)
     threadpool_limits(limits=count)  # for the rest of the process
-    shared = launcher is not None and threads_per_job(None, launcher, cores) is not None and threads in (None, "auto")
-    if shared:
-        reason = f"{launcher.get('_target_', '').rpartition('.')[2]} runs jobs side by side"
-    elif threads == "auto":
-        reason = f"threads=auto: {free} of {cores} cores free"
-    else:
+    if threads not in (None, "auto"):
         reason = f"threads={threads}"
+    elif share is not None:
+        reason = f"{launcher.get('_target_', '').rpartition('.')[2]} runs jobs side by side"
+    else:
+        reason = f"threads=auto: {free} of {cores} cores free"
     log.info("torch threads: %d (%s)", count, reason)
 
 
@@ -173,11 +174,6 @@ def _parallel_launcher() -> dict | None:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
     return OmegaConf.to_container(hydra_cfg.launcher, resolve=True)
-
-
-def _cores() -> int:
-    """The cores this process may run on (taskset and cgroups' CPU sets included)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextmanager

@@ -7,6 +7,7 @@ config validation, which runs before torch is even imported.
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,11 @@ EXPERIMENT_GROUPS = tuple(group for group in GROUP_BASES if group not in RECORDE
 # Trusted without being listed in trusted_modules: vae_lab's own package, torch's optimizers
 # and schedulers. Trust is by whole dotted package (vae_lab covers vae_lab.model, never vae_lab_evil).
 OWN_PACKAGES = ("vae_lab", "torch.optim")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset and cgroups' CPU sets included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def is_number(value) -> bool:

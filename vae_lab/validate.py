@@ -31,7 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
     BUILT_WITH_MODEL, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
-    SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, in_package, is_int, is_number,
+    SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, in_package, is_int, is_number, usable_cores,
 )
 
 # Groups the dry build does not build: building the data reads the data set (the task does that once).
@@ -70,7 +70,7 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
         _check(cfg, key, lambda v: v <= MAX_FIGURE_IMAGES, f"a whole number from 1 to {MAX_FIGURE_IMAGES:,}")
     _check(cfg, "optim.lr", lambda v: is_number(v) and v > 0, "a number > 0 (e.g. 0.001)")
     _check(cfg, "train.alpha", lambda v: is_number(v) and v >= 0, "a number >= 0 (0.1 in the reference, 1 for the ELBO)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     _check(cfg, "threads", lambda v: v is None or v == "auto" or (_is_positive_int(v) and v <= cores),
            f"auto (the cores free now), null (torch's default) or a whole number from 1 to {cores} (the cores this process may use)")
     _check(cfg, "seed", lambda v: is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1],
