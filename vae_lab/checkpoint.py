@@ -41,7 +41,7 @@ from vae_lab.files import is_in_use, tensors_digest, write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.loggers import METRIC_COLUMNS
 from vae_lab.runtime import build_vae
-from vae_lab.options import EXPERIMENT_GROUPS, IMAGE_SHAPE, RECORDED_ONLY_GROUPS, VALUE_KINDS, is_int, is_number
+from vae_lab.options import EXPERIMENT_GROUPS, IMAGE_SHAPE, RECORDED_ONLY_GROUPS, VALUE_KINDS, config_entries, is_int, is_number
 from vae_lab.validate import untrusted_target, validate
 
 log = logging.getLogger(__name__)
@@ -441,7 +441,7 @@ def _check_target_placement(config: dict, path: str | Path) -> None:
     """`_target_` only at the top of the groups vae_lab builds (or records); no other
     instantiate keyword anywhere, and `_partial_` only at the top of a group."""
     groups_with_targets = (*EXPERIMENT_GROUPS, *RECORDED_ONLY_GROUPS)
-    for keys in _key_paths(config):
+    for keys, _, _ in config_entries(config):
         name = keys[-1]
         misplaced = (
             (name == "_target_" and (len(keys) != 2 or keys[0] not in groups_with_targets))
@@ -453,15 +453,6 @@ def _check_target_placement(config: dict, path: str | Path) -> None:
                 f"refused {path}: its config has {name} at {'.'.join(map(str, keys))}, where vae_lab never writes one "
                 f"(a checkpoint builds only {', '.join(EXPERIMENT_GROUPS)}, each from the top of its group)."
             )
-
-
-def _key_paths(node, prefix: tuple = ()) -> list[tuple]:
-    """Every key of a plain config as the tuple of keys leading to it; list indices count as keys."""
-    if isinstance(node, dict):
-        return [keys for key, value in node.items() for keys in [(*prefix, key), *_key_paths(value, (*prefix, key))]]
-    if isinstance(node, list):
-        return [keys for index, value in enumerate(node) for keys in _key_paths(value, (*prefix, index))]
-    return []
 
 
 def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path, trusted_modules, image_shape) -> None:

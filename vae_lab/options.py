@@ -60,6 +60,17 @@ EXPERIMENT_GROUPS = tuple(group for group in GROUP_BASES if group not in RECORDE
 OWN_PACKAGES = ("vae_lab", "torch.optim")
 
 
+def config_entries(node, keys: tuple = (), where: str = ""):
+    """(keys, where, value) for every entry of a plain config (dicts and lists), depth first:
+    `keys` the keys and list indices leading to it, `where` its name as messages spell it
+    ("model.layers[0].size"). The one walker of the config checks."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        inner = f"{where}[{key}]" if isinstance(node, list) else f"{where}.{key}" if where else str(key)
+        yield (*keys, key), inner, value
+        yield from config_entries(value, (*keys, key), inner)
+
+
 def usable_cores() -> int:
     """The cores this process may run on (taskset and cgroups' CPU sets included)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

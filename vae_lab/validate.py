@@ -31,7 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
     BUILT_WITH_MODEL, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
-    SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, in_package, is_int, is_number, usable_cores,
+    SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, config_entries, in_package, is_int, is_number, usable_cores,
 )
 
 # Groups the dry build does not build: building the data reads the data set (the task does that once).
@@ -159,14 +159,9 @@ def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = Non
     return None
 
 
-def _targets(node, where: str = "") -> list[tuple[str, object]]:
-    """(where, value) of every `_target_` in a plain config, at any depth."""
-    if isinstance(node, dict):
-        found = [(where or "_target_", node["_target_"])] if "_target_" in node else []
-        return found + [hit for key, value in node.items() for hit in _targets(value, f"{where}.{key}" if where else str(key))]
-    if isinstance(node, list):
-        return [hit for index, value in enumerate(node) for hit in _targets(value, f"{where}[{index}]")]
-    return []
+def _targets(config: dict) -> list[tuple[str, object]]:
+    """(where, value) of every `_target_` in a plain config, at any depth; `where` names its node."""
+    return [(where.removesuffix("._target_"), value) for keys, where, value in config_entries(config) if keys[-1] == "_target_"]
 
 
 def _builds(found, base: type) -> bool:
