@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 FORMAT = "vae_lab/1"
 # Where the data lives describes the machine, not the experiment: these data settings come
 # from the current config (when it names the same loader), never from a checkpoint.
-MACHINE_DATA_KEYS = ("root", "download", "fallback", "path", "cache_dir")
+MACHINE_DATA_PATHS = ("root", "path", "cache_dir")
+MACHINE_DATA_KEYS = (*MACHINE_DATA_PATHS, "download", "fallback")
 # Every key vae_lab has ever written; a file without one of them was not written by it.
 REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "rng", "config", "history", "data")
 # torch.load reads the whole file into memory. A vae_lab checkpoint is a few MB (the
@@ -467,7 +468,7 @@ def _check_saved_settings(saved: DictConfig, data_name: str, path: str | Path, t
         probe.device = "cpu"
         if "name" in probe.data:
             probe.data.name = data_name
-        for key in ("root", "path", "cache_dir"):  # neutral paths: where the data lives is this machine's business
+        for key in MACHINE_DATA_PATHS:  # neutral paths: where the data lives is this machine's business
             if key in probe.data:
                 probe.data[key] = "."
         for key in ("train.resume", "evaluate.checkpoint", "summarize.sweep_dir"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import math
 import os
 import types
 import typing
@@ -389,7 +390,7 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
         count = sum(p.numel() for p in model.parameters())
     except Exception:
         return  # a model that cannot be built on meta: the CPU build reports real errors
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+    device = _training_device(cfg, torch)
     needed, available = count * TRAINING_BYTES_PER_PARAMETER, _memory_bytes(device, torch)
     where = "GPU memory" if device.startswith("cuda") and torch.cuda.is_available() else "memory"
     if needed > available:
@@ -412,15 +413,19 @@ def _refuse_absurd_step(cfg: DictConfig, image_shape, torch) -> None:
     batch = OmegaConf.select(cfg, "train.batch_size", default=1)
     if not (is_int(samples) and is_int(batch)):
         return
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
-    pixels = int(torch.tensor(image_shape).prod())
-    needed, available = samples * batch * pixels * 4 * ACTIVATION_FLOATS_PER_PIXEL, _memory_bytes(device, torch)
+    pixels = math.prod(image_shape)
+    needed, available = samples * batch * pixels * 4 * ACTIVATION_FLOATS_PER_PIXEL, _memory_bytes(_training_device(cfg, torch), torch)
     if needed > available / 2:
         raise ConfigError(
             f"loss.k={samples} importance samples x train.batch_size={batch} images decode {samples * batch:,} images per "
             f"training step, about {needed / 2**30:,.0f} GiB of activations; this machine has {available / 2**30:,.0f} GiB. "
             "Lower loss.k or train.batch_size."
         )
+
+
+def _training_device(cfg: DictConfig, torch) -> str:
+    """The device the run trains on: `auto` is CUDA where there is one (as runtime.resolve_device picks first)."""
+    return "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
 
 
 def _memory_bytes(device: str, torch) -> int:
