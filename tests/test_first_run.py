@@ -135,8 +135,11 @@ def test_an_interrupt_closes_the_progress_bar_before_the_message(monkeypatch):
             self.closed = True
             super().close()
 
-    def interrupted(model, x, noise=None):
-        raise KeyboardInterrupt
+    class Interrupted(ELBO):
+        def __call__(self, model, x, noise=None):
+            raise KeyboardInterrupt
+
+    interrupted = Interrupted()
 
     monkeypatch.setattr(engine, "tqdm", RecordingBar)
     model = MLPVAE(latent_dim=2)

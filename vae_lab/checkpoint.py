@@ -5,6 +5,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
     format      "vae_lab/1", which tells our files from others
     epoch       the last completed epoch
     model, optimizer, scheduler   their state_dicts
+    objective   what the objective trains itself (FactorVAE's discriminator and its optimizer); {} or absent for the others
     rng         {"torch": CPU RNG state, "cuda": [per-device states], "shuffle": batch-order generator}
     config      the run's resolved config (model, loss, data, optim, scheduler, train, seed, ...)
     history     the metrics.csv rows so far, so a resumed run continues the log
@@ -282,7 +283,9 @@ def _structure_problem(state: dict) -> str | None:
     for name, tensor in model.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             return f"model[{name!r}] is a {type(tensor).__name__}, not a tensor named by a string"
-    for key in ("optimizer", "scheduler", "rng"):
+    for key in ("optimizer", "scheduler", "rng", "objective"):
+        if key == "objective" and key not in state:
+            continue
         if not isinstance(state[key], dict) or not all(isinstance(k, str) for k in state[key]):
             return f"{key} is a {type(state[key]).__name__}, not a state dict"
     for key in ("torch", "shuffle"):  # both CPU generators, whose state has a fixed size
@@ -338,6 +341,8 @@ def check_finite(state: dict, path: str | Path) -> None:
         for index, entry in state["optimizer"].get("state", {}).items() if isinstance(entry, dict)
         for key, value in entry.items() if isinstance(value, torch.Tensor)
     }
+    optimizer_tensors.update({f"objective state {where}": value for _, where, value in config_entries(state.get("objective", {}))
+                              if isinstance(value, torch.Tensor)})
     for name, tensor in {**state["model"], **optimizer_tensors}.items():
         if (tensor.is_floating_point() or tensor.is_complex()) and not torch.isfinite(tensor).all():
             holder = "its weights hold" if name in state["model"] else "its optimizer state holds"
@@ -565,6 +570,33 @@ def load_model_weights(model: torch.nn.Module, state: dict, path: str | Path) ->
             f"the weights in {path} do not fit the model its own config describes ({described}): "
             f"{first_line(error, skip_header=True)}. The file was altered or written by another program."
         ) from error
+
+
+def load_objective_state(objective, state: dict, path: str | Path) -> None:
+    """Load what the objective trains itself (Objective.state_dict), or say why the file's does not fit.
+
+    Its kinds and shapes are compared with a fresh objective's first; an optimizer in it
+    (a key of state_dict naming an optimizer attribute of the objective) has each moment
+    checked against its parameter's shape, as the model's optimizer has.
+    """
+    fresh, saved = objective.state_dict(), state.get("objective", {})
+    if not fresh:
+        return
+    problem = "no objective state" if not saved else _kind_mismatch(fresh, saved, "objective state")
+    for key in fresh:
+        holder = getattr(objective, key, None)
+        if problem is None and isinstance(holder, torch.optim.Optimizer):
+            problem = _optimizer_state_mismatch(holder, saved[key].get("state"))
+    if problem is None:
+        try:
+            objective.load_state_dict(saved)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
+            problem = f"objective state ({first_line(error)})"
+    if problem:
+        raise CheckpointError(
+            f"cannot use {path}: its {problem} does not fit the objective its config describes ({type(objective).__name__}). "
+            "The file was altered or written by another program; use another checkpoint."
+        )
 
 
 def restore_training_state(optimizer: torch.optim.Optimizer, scheduler, state: dict, path: str | Path) -> None:

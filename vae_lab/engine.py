@@ -51,6 +51,7 @@ def run_epoch(
     if sync_every is None:
         sync_every = 1 if device.type == "cpu" else 50
     model.train(training)
+    objective.start_pass(n, training)
     noise = None
     if not training:
         # Drawn on the CPU so CPU and GPU evaluations see the same z.
@@ -70,6 +71,7 @@ def run_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
                 optimizer.step()
+                objective.after_step()  # an objective's own network (FactorVAE's discriminator) trains here
             sums += torch.stack([t.detach().double() for t in terms]) * len(index)
             seen += len(index)
             if step % sync_every == 0 or step == len(batches):

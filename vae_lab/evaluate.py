@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lab import plots
-from vae_lab.checkpoint import check_data_fits, data_config_here, load_checkpoint, load_model_weights, resolve_checkpoint_path, saved_config
+from vae_lab.checkpoint import check_data_fits, data_config_here, load_checkpoint, load_model_weights, load_objective_state, resolve_checkpoint_path, saved_config
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.files import write_atomic
@@ -34,6 +34,7 @@ from vae_lab.validate import attempt
 log = logging.getLogger(__name__)
 
 TRAVERSAL_STEPS = 20  # images per row of latent_traversal.png
+FEW_CODES = 1000  # disentanglement metrics from fewer test codes come with a warning
 # Below this many epochs few units are active yet (the reference ConvVAE on 1,000 images of the bundled
 # sample: 4 of 16 after 1 epoch, 16 of 16 after 6): no collapse warning, a note instead.
 EPOCHS_TO_JUDGE_COLLAPSE = 5
@@ -68,7 +69,9 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     check_data_fits(state, data, path)
     model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape)
     load_model_weights(model, state, path)
+    load_objective_state(objective, state, path)
     model.to(device)
+    objective.to(device)
     return evaluate_model(cfg, model, objective, data, epoch=state["epoch"], checkpoint=path, results_dir=results_dir,
                           started=started)
 
@@ -94,6 +97,7 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
     iw_images = images[: ev.iw_limit] if ev.iw_limit else images
     iw_nll = importance_weighted_nll(model, iw_images, ev.iw_samples, batch_size=ev.batch_size, seed=cfg.seed)
     iw_seconds = time.perf_counter() - iw_started
+    disentangled = disentanglement_metrics(cfg, data, mu)
     report = {
         "checkpoint": str(path.resolve()),
         "epoch": epoch,
@@ -123,6 +127,7 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
         "mse_per_pixel": reconstruction_mse(model, images, ev.batch_size),
         "iw_seconds": round(iw_seconds, 3),
     }
+    report.update(disentangled)
     if model.likelihood.discrete:  # nats of a distribution over the 256 levels: bits per dimension, as papers report
         dims_ln2 = float(np.prod(data.image_shape)) * math.log(2)
         report["bits_per_dim"] = report["neg_elbo"] / dims_ln2
@@ -134,6 +139,7 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
             figures = cfg.get("figures", True)
             if figures:
                 _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
+                _disentanglement_figures(model, mu, kl_dims, disentangled, folder, cfg.seed)
             report.update(sample_quality(
                 model, data, mu, folder, samplers=list(ev.samplers), gmm_components=ev.gmm_components,
                 sample_count=ev.sample_count, sample_metrics=ev.sample_metrics, batch_size=ev.batch_size,
@@ -150,6 +156,40 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
     _log_report(report)
     log_sample_quality(report)
     return report
+
+
+def check_evaluation_fits(cfg: DictConfig, data) -> None:
+    """Settings that only the loaded data can answer, checked before any training: disentanglement
+    metrics asked for (evaluate.disentanglement=true) on data that carries no generating factors."""
+    if cfg.evaluate.get("disentanglement", "auto") is True and data.test_factors is None:
+        raise ConfigError(
+            f"evaluate.disentanglement=true, but {data.name} carries no generating factors to judge codes by: "
+            "use data=shapes (or a loader of your own that returns train_factors / test_factors), "
+            "or evaluate.disentanglement=auto to leave the metrics out."
+        )
+
+
+def disentanglement_metrics(cfg: DictConfig, data, mu: torch.Tensor) -> dict:
+    """The metrics of vae_lab.disentanglement on the test codes, where the data has factors (else {} and a note)."""
+    setting = cfg.evaluate.get("disentanglement", "auto")
+    if setting is False:
+        return {}
+    check_evaluation_fits(cfg, data)
+    if data.test_factors is None:
+        log.info("disentanglement metrics left out: %s carries no generating factors (data=shapes does)", data.name)
+        return {}
+    from vae_lab.disentanglement import disentanglement_report
+
+    count = min(len(mu), cfg.evaluate.get("disentanglement_codes", 10_000))
+    if mu.shape[1] < 2:
+        log.info("disentanglement metrics left out: they compare latent dimensions, and there is %d", mu.shape[1])
+        return {}
+    if count < FEW_CODES:
+        log.warning("disentanglement metrics from %d test codes only: noisy estimates (a test split of %d or more "
+                    "makes them steadier)", count, FEW_CODES)
+    threads = max(1, torch.get_num_threads())
+    return disentanglement_report(mu[:count].double().cpu().numpy(), data.test_factors[:count].double().cpu().numpy(),
+                                  data.factor_names, seed=cfg.seed, threads=threads)
 
 
 def _refuse_existing(results_dir: Path) -> None:
@@ -259,6 +299,37 @@ def _traversal(model, mu: torch.Tensor, labels: torch.Tensor, path: Path, seed: 
                      title="Latent traversal: interpolations between the latent means of pairs of test images")
 
 
+TRAVERSAL_DIMENSION_STEPS = 11  # images per row of dimension_traversal.png
+TRAVERSAL_MAX_ROWS = 32
+
+
+@torch.no_grad()
+def _disentanglement_figures(model, mu: torch.Tensor, kl_dims, disentangled: dict, folder: Path, seed: int) -> None:
+    """dimension_traversal.png: one row per latent dimension (largest KL first), that dimension swept over
+    the prior's 5%..95% quantiles from the first test image's code; factor_information.png where factors are known."""
+    if model.latent_dim < 2:
+        return
+    spread = torch.as_tensor(kl_dims) if kl_dims is not None else mu.float().var(0).cpu()
+    order = torch.argsort(spread, descending=True).tolist()
+    rows = order[:TRAVERSAL_MAX_ROWS]
+    draws = model.sample_prior(PRIOR_QUANTILE_DRAWS, torch.Generator().manual_seed(seed)).float().cpu()
+    values = torch.quantile(draws, torch.linspace(0.05, 0.95, TRAVERSAL_DIMENSION_STEPS), dim=0).to(mu.device)  # (steps, D)
+    z = mu[:1].repeat(len(rows) * TRAVERSAL_DIMENSION_STEPS, 1).view(len(rows), TRAVERSAL_DIMENSION_STEPS, -1).clone()
+    for row, d in enumerate(rows):
+        z[row, :, d] = values[:, d]
+    plots.image_grid(model.mean(model.decode(z.flatten(0, 1).to(mu.dtype))), folder / "dimension_traversal.png",
+                     nrow=TRAVERSAL_DIMENSION_STEPS, row_labels=[f"z{d}" for d in rows],
+                     title="Latent traversal per dimension (largest KL first): one dimension over the prior's 5%..95% "
+                           "quantiles, the others at a test image's code"
+                           + (f"; first {TRAVERSAL_MAX_ROWS} of {len(order)}" if len(order) > len(rows) else ""))
+    if "factor_mutual_information" in disentangled:
+        plots.factor_information(
+            disentangled["factor_mutual_information"], order, folder / "factor_information.png",
+            title=f"Mutual information of factors and latent dimensions: MIG {disentangled['mig']:.3f}, "
+                  f"DCI disentanglement {disentangled['dci_disentanglement']:.3f}",
+        )
+
+
 def _interpolation_pairs(labels: torch.Tensor, count: int) -> tuple[list[int], list[int]]:
     """Pairs of test images of different classes, taken in order: (i, next j with another label)."""
     starts, ends, i = [], [], 0
@@ -293,6 +364,11 @@ def _log_report(report: dict) -> None:
         ("a true log-likelihood?", _likelihood_statement(report)),
         ("active units", f"{report['active_units']} / {report['latent_dim']}"),
         ("reconstruction MSE per pixel", f"{report['mse_per_pixel']:.5f}"),
+        *([("MIG / SAP / FactorVAE score", f"{report['mig']:.3f} / {report['sap']:.3f} / {report['factor_vae_score']:.3f}"),
+           ("DCI disent. / compl. / inform.", f"{report['dci_disentanglement']:.3f} / {report['dci_completeness']:.3f} / "
+                                              f"{report['dci_informativeness']:.3f}  ({report['disentanglement_settings']['codes']} "
+                                              f"codes, {report['disentanglement_settings']['seconds']['total']:.1f}s)")]
+          if "mig" in report else []),
     ]
     header = (
         f"likelihood report: {report['data']}, {report['data_variant']}, "

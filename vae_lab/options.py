@@ -27,6 +27,8 @@ SAMPLE_SETS = (*SAMPLERS, "reconstruction", "floor")
 SAMPLE_METRICS = ("fid", "kid", "precision", "recall", "class_kl")
 # The likelihood report's numbers that every run has (metrics.json, the sweep summary, MLflow's final/<key>).
 LIKELIHOOD_METRICS = ("neg_elbo", "recon", "kl", "iw_nll", "active_units", "objective")
+# The disentanglement report's numbers, where the data carries its generating factors (vae_lab.disentanglement).
+DISENTANGLEMENT_METRICS = ("mig", "dci_disentanglement", "dci_completeness", "dci_informativeness", "sap", "factor_vae_score")
 
 
 def sample_metric_keys() -> tuple[str, ...]:
@@ -125,6 +127,8 @@ class EvaluateSettings:
     sample_count: int
     samplers: list
     cache_dir: Path
+    disentanglement: bool | str
+    disentanglement_codes: int
 
 
 @dataclass

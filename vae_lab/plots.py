@@ -114,6 +114,21 @@ def kl_per_dimension(kl: np.ndarray, active: np.ndarray, path: Path, *, title: s
     return _save(figure, path)
 
 
+def factor_information(information: dict[str, Sequence[float]], order: Sequence[int], path: Path, *, title: str) -> Path:
+    """Heatmap: factors (rows) by latent dimensions (columns, in `order`), I(z_d; v_k) / H(v_k) in [0, 1]."""
+    import seaborn as sns
+
+    names = list(information)
+    matrix = np.array([[information[name][d] for d in order] for name in names])
+    figure = Figure(figsize=(max(5, 0.45 * len(order) + 2.5), 0.45 * len(names) + 1.6), dpi=DPI, layout="constrained")
+    ax = figure.add_subplot()
+    sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap="viridis", annot=len(order) <= 16, fmt=".2f", annot_kws={"size": 7},
+                xticklabels=[str(d) for d in order], yticklabels=names, cbar_kws={"label": "I(z_d; factor) / H(factor)"})
+    ax.set_xlabel("latent dimension (sorted by KL)")
+    ax.set_title(title)
+    return _save(figure, path)
+
+
 def _save(figure: Figure, path: Path) -> Path:
     write_atomic(path, lambda file: figure.savefig(file, format="png", bbox_inches="tight"))
     return path

@@ -46,10 +46,12 @@ def build_vae(model_cfg, prior_cfg, loss_cfg, image_shape: tuple[int, ...]):
     """(model, objective) from their config nodes, for images of `image_shape` (C, H, W).
 
     The objective's likelihood becomes the model's, so its parameters (a learned
-    variance) train, checkpoint and evaluate with the model.
+    variance) train, checkpoint and evaluate with the model; then the objective is bound
+    to the model (an auxiliary network of the objective is sized from it).
     """
     objective = build(loss_cfg)
     image_shape = tuple(int(v) for v in image_shape)
     prior = build(prior_cfg, latent_dim=model_cfg.latent_dim, image_shape=image_shape)
     model = build(model_cfg, image_shape=image_shape, prior=prior, likelihood=objective.likelihood)
+    objective.bind(model)
     return model, objective

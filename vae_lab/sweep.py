@@ -23,7 +23,7 @@ from vae_lab.errors import ConfigError, VaeLabError, first_line
 from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.outcome import TaskOutcome, summary_outcome
-from vae_lab.options import LIKELIHOOD_METRICS, sample_metric_keys
+from vae_lab.options import DISENTANGLEMENT_METRICS, LIKELIHOOD_METRICS, sample_metric_keys
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def write_summary(sweep_dir: Path) -> tuple[list[dict], list[str]]:
         raise ConfigError(f"summarize.sweep_dir={sweep_dir} holds no Hydra jobs (no */.hydra/overrides.yaml)")
     rows = [_readable_job_row(job) for job in jobs]
     swept = swept_keys(rows)
-    columns = ["job", "status", *swept, *METRICS, *sample_metric_keys(), "epochs", "seconds", "error", "overrides"]
+    columns = ["job", "status", *swept, *METRICS, *sample_metric_keys(), *DISENTANGLEMENT_METRICS, "epochs", "seconds", "error", "overrides"]
     layout = SweepLayout(sweep_dir)
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=columns, extrasaction="ignore")
@@ -135,7 +135,7 @@ def job_row(job_dir: Path) -> dict:
     results = RunLayout(job_dir).report
     if results.is_file():
         report = _read_structured(job_dir, str(results.relative_to(job_dir)), json.loads, dict, "a JSON object")
-        row.update({key: report.get(key, "") for key in (*METRICS, *sample_metric_keys())})
+        row.update({key: report.get(key, "") for key in (*METRICS, *sample_metric_keys(), *DISENTANGLEMENT_METRICS)})
     elif history:  # no evaluation: the last epoch's test pass
         last = history[-1]
         recon, kl = last["test_recon"], last["test_kl"]
@@ -169,7 +169,8 @@ def swept_keys(rows: list[dict]) -> list[str]:
 
 
 def markdown_table(rows: list[dict], swept: list[str]) -> str:
-    columns = ["job", *swept, "status", *METRICS, *SAMPLE_COLUMNS, "epochs", "seconds"]
+    disentanglement = [key for key in DISENTANGLEMENT_METRICS if any(row.get(key) not in ("", None) for row in rows)]
+    columns = ["job", *swept, "status", *METRICS, *SAMPLE_COLUMNS, *disentanglement, "epochs", "seconds"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(column, "")) for column in columns) + " |" for row in rows]
     errors = [f"- job {row['job']}: {row['error']}" for row in rows if row["error"]]
@@ -183,7 +184,8 @@ def _cell(value) -> str:
 
 
 def _plot(rows: list[dict], swept: list[str], path: Path) -> None:
-    """The main metric against the first swept parameter, one line per value of the second."""
+    """The main metric against the first swept parameter, one line per value of the second; beside it,
+    where the jobs report them, MIG and DCI disentanglement against the same parameter."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
@@ -191,8 +193,18 @@ def _plot(rows: list[dict], swept: list[str], path: Path) -> None:
     hue_key = swept[1] if len(swept) > 1 else None
     done = [row for row in rows if isinstance(row[MAIN_METRIC], float)]
     x = [_number(row[x_key]) for row in done]
-    figure = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
-    ax = figure.add_subplot()
+    judged = [row for row in done if isinstance(row.get("mig"), float)]
+    figure = Figure(figsize=(12 if judged else 7, 4.5), dpi=100, layout="constrained")
+    ax, *others = figure.subplots(1, 2 if judged else 1, squeeze=False)[0]
+    if judged:
+        side = others[0]
+        for key, label in (("mig", "MIG"), ("dci_disentanglement", "DCI disentanglement")):
+            sns.lineplot(x=[_number(row[x_key]) for row in judged], y=[row[key] for row in judged], marker="o",
+                         errorbar=None, ax=side, label=label)
+        side.set_xlabel(x_key)
+        side.set_ylabel("score (0..1)")
+        side.set_title(f"Disentanglement by {x_key}" + (f" (mean over {hue_key})" if hue_key else ""))
+        side.grid(alpha=0.3)
     if done:
         # With more than two swept keys, the remaining ones are averaged over.
         sns.lineplot(x=x, y=[row[MAIN_METRIC] for row in done], hue=[row[hue_key] for row in done] if hue_key else None,

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
 from vae_lab.checkpoint import (
-    MACHINE_DATA_KEYS, check_data_fits, data_config_here, load_checkpoint, load_model_weights, plain_config, restore_training_state,
+    MACHINE_DATA_KEYS, check_data_fits, data_config_here, load_checkpoint, load_model_weights, load_objective_state, plain_config, restore_training_state,
     save_checkpoint, saved_config,
 )
 from vae_lab.data import ImageData
@@ -69,11 +69,15 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
 
     seed_everything(cfg.seed)
     data, model, objective, optimizer, scheduler, step = build_training(cfg, device)
+    if cfg.train.evaluate_at_end:
+        from vae_lab.evaluate import check_evaluation_fits
+
+        check_evaluation_fits(cfg, data)  # before the epochs, not after them
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     if resumed is not None:
         check_data_fits(resumed, data, cfg.train.resume)
-        _restore(resumed, cfg.train.resume, model, optimizer, scheduler, shuffle, device)
+        _restore(resumed, cfg.train.resume, model, objective, optimizer, scheduler, shuffle, device)
         history = list(resumed["history"])
         log.info("resumed from %s at epoch %d", cfg.train.resume, resumed["epoch"])
     start_epoch = resumed["epoch"] if resumed is not None else 0
@@ -100,6 +104,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "objective": objective.state_dict(),
             "rng": _rng_state(shuffle, device),
             "config": config,
             "history": history,
@@ -185,6 +190,7 @@ def build_training(cfg: DictConfig, device: torch.device) -> Training:
         dry_build(cfg, data.image_shape)
     model, objective = build_vae(cfg.model, cfg.prior, cfg.loss, data.image_shape)
     model = model.to(device)
+    objective.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
         data = data.to(device, memory_format=torch.channels_last)
@@ -209,8 +215,8 @@ class _AcceleratedStep:
             call = torch.autocast(device.type, dtype=torch.bfloat16)(call)
         self._call = _compiled(call, compile)
 
-    def noise_shape(self, latent_dim: int) -> tuple[int, ...]:
-        return self.objective.noise_shape(latent_dim)
+    def __getattr__(self, name: str):  # noise_shape and the loop's hooks are the objective's own
+        return getattr(self.objective, name)
 
     def __call__(self, model, x, noise=None):
         return self._call(model, x, noise)
@@ -298,8 +304,9 @@ def _plain(node, drop=()) -> object:
     return {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) else value
 
 
-def _restore(resumed: dict, path, model, optimizer, scheduler, shuffle: torch.Generator, device: torch.device) -> None:
+def _restore(resumed: dict, path, model, objective, optimizer, scheduler, shuffle: torch.Generator, device: torch.device) -> None:
     load_model_weights(model, resumed, path)
+    load_objective_state(objective, resumed, path)
     restore_training_state(optimizer, scheduler, resumed, path)
     rng = resumed["rng"]
     torch.set_rng_state(rng["torch"])

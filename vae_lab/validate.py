@@ -89,6 +89,9 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
     _check(cfg, "evaluate.sample_count", lambda v: _is_positive_int(v) and v >= MIN_SAMPLE_COUNT,
            f"a whole number >= {MIN_SAMPLE_COUNT} (10000 for figures comparable with the README)")
     _check(cfg, "evaluate.sample_metrics", lambda v: isinstance(v, bool), "true or false")
+    _check(cfg, "evaluate.disentanglement", lambda v: v == "auto" or isinstance(v, bool),
+           "auto (where the data has generating factors), true (required: an error on data without) or false")
+    _check(cfg, "evaluate.disentanglement_codes", lambda v: _is_positive_int(v) and v >= 100, "a whole number >= 100")
     _check(cfg, "data.limit", lambda v: v is None or _is_positive_int(v), "null (all images) or a whole number >= 1")
     _check(cfg, "evaluate.iw_limit", lambda v: v is None or _is_positive_int(v), "null (all test images) or a whole number >= 1")
     root = OmegaConf.select(cfg, "data.root")
@@ -344,6 +347,10 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
             _refuse_absurd_step(cfg, image_shape, torch)
             model, objective = attempt(cfg, "model", build_model)
             attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
+            batch = OmegaConf.select(cfg, "train.batch_size")
+            if is_int(batch) and batch < objective.min_batch:
+                raise ConfigError(f"train.batch_size={batch}: loss ({cfg.loss._target_}) needs at least {objective.min_batch} "
+                                  f"images per batch (it compares the codes within a batch). Raise train.batch_size.")
         for group in groups:
             if group not in BUILT_WITH_MODEL:
                 built[group] = attempt(cfg, group, lambda node=cfg[group]: instantiate(node))
