@@ -216,8 +216,29 @@ def test_data_without_factors_leaves_the_metrics_out_unless_asked_for(tmp_path):
     (["loss=dip_vae", "loss.lambda_od=-0.5"], "weights must be >= 0, got lambda_od=-0.5"),
     (["loss=factor_vae", "loss.gamma=-2"], "weights must be >= 0, got gamma=-2"),
     (["evaluate.disentanglement=maybe"], "evaluate.disentanglement"),
+    (["loss=factor_vae", "loss.discriminator_hidden=10000000"], "of them in the objective's own network.*loss"),
 ])
 def test_bad_disentanglement_settings_are_refused_in_one_line(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message) as refused:
         run_task(compose_config(*overrides), tmp_path)
     assert "\n" not in str(refused.value)
+
+
+def test_an_npz_with_factors_is_judged_like_shapes(tmp_path):
+    """A user's own data carries factors through data=arrays (f_train, f_test, factor_names): the metrics follow."""
+    from vae_lab.data.arrays import load_arrays
+    from vae_lab.errors import VaeLabError
+
+    data = make_shapes(train_size=64, test_size=32, image_size=12, preset="dsprites")
+    arrays = {"x_train": data.train_images.numpy(), "x_test": data.test_images.numpy(),
+              "f_train": data.train_factors.numpy(), "f_test": data.test_factors.numpy(),
+              "factor_names": np.array(data.factor_names)}
+    np.savez(tmp_path / "mine.npz", **arrays)
+    loaded = load_arrays(tmp_path / "mine.npz")
+    assert loaded.factor_names == data.factor_names and torch.equal(loaded.test_factors, data.test_factors)
+    np.savez(tmp_path / "half.npz", **{k: v for k, v in arrays.items() if k != "f_test"})
+    with pytest.raises(VaeLabError, match="has f_train but not f_test"):
+        load_arrays(tmp_path / "half.npz")
+    np.savez(tmp_path / "short.npz", **{**arrays, "f_test": arrays["f_test"][:5]})
+    with pytest.raises(VaeLabError, match=r"f_test has shape \(5, 5\).*\(32, K\)"):
+        load_arrays(tmp_path / "short.npz")

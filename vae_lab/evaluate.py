@@ -319,7 +319,7 @@ def _disentanglement_figures(model, mu: torch.Tensor, kl_dims, disentangled: dic
         z[row, :, d] = values[:, d]
     plots.image_grid(model.mean(model.decode(z.flatten(0, 1).to(mu.dtype))), folder / "dimension_traversal.png",
                      nrow=TRAVERSAL_DIMENSION_STEPS, row_labels=[f"z{d}" for d in rows],
-                     title="Latent traversal per dimension (largest KL first): one dimension over the prior's 5%..95% "
+                     title="Latent traversal per dimension, largest KL first:\none dimension over the prior's 5%..95% "
                            "quantiles, the others at a test image's code"
                            + (f"; first {TRAVERSAL_MAX_ROWS} of {len(order)}" if len(order) > len(rows) else ""))
     if "factor_mutual_information" in disentangled:

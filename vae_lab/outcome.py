@@ -14,6 +14,8 @@ from vae_lab.layout import RunLayout, SweepLayout
 RELATIVE = RunLayout(Path())  # the run directory's names, relative to it
 # The reference project's three figures, the first things to look at after a run.
 REFERENCE_FIGURES = ("reconstruction.png", "random_generation.png", "latent_embedding.png")
+# Where the data has generating factors (vae_lab.evaluate draws them): listed after the reference figures.
+FACTOR_FIGURES = ("factor_information.png",)
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,8 @@ def training_outcome(run_dir: Path, value: float, last_epoch: dict, report: dict
     if report is not None:
         return TaskOutcome(
             value, Path(run_dir),
-            _existing(run_dir, (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report),
-                                str(RELATIVE.loss_curves))),
+            _existing(run_dir, (*(str(RELATIVE.results / name) for name in (*REFERENCE_FIGURES, *FACTOR_FIGURES)),
+                                str(RELATIVE.report), str(RELATIVE.loss_curves))),
             _report_numbers(report),
         )
     return TaskOutcome(
@@ -51,7 +53,8 @@ def training_outcome(run_dir: Path, value: float, last_epoch: dict, report: dict
 def evaluation_outcome(run_dir: Path, report: dict) -> TaskOutcome:
     return TaskOutcome(
         report["neg_elbo"], Path(run_dir),
-        _existing(run_dir, (*(str(RELATIVE.results / name) for name in REFERENCE_FIGURES), str(RELATIVE.report))),
+        _existing(run_dir, (*(str(RELATIVE.results / name) for name in (*REFERENCE_FIGURES, *FACTOR_FIGURES)),
+                            str(RELATIVE.report))),
         _report_numbers(report),
     )
 
@@ -72,6 +75,7 @@ def _report_numbers(report: dict) -> dict[str, str]:
         "test -ELBO": f"{report['neg_elbo']:.2f} nats",
         f"IW bound (k={report['iw_samples']})": f"{report['iw_nll']:.2f} nats",
         "active units": f"{report['active_units']}/{report['latent_dim']}",
+        **({"MIG": f"{report['mig']:.3f}"} if "mig" in report else {}),
     }
 
 

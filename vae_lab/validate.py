@@ -393,8 +393,12 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
     """Count the model's parameters on the meta device (nothing allocated) against the machine's memory."""
     try:
         with torch.device("meta"):
-            model, _ = build_model()
+            model, objective = build_model()
         count = sum(p.numel() for p in model.parameters())
+        # What the objective trains itself (FactorVAE's discriminator) is built with the model, and counts too.
+        own = sum(v.numel() for _, _, v in config_entries(objective.state_dict()) if isinstance(v, torch.Tensor))
+        count += own
+        objective_part = f" ({own:,} of them in the objective's own network)" if own else ""
     except Exception:
         return  # a model that cannot be built on meta: the CPU build reports real errors
     device = _training_device(cfg, torch)
@@ -403,8 +407,9 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
     if needed > available:
         raise ConfigError(
             f"model ({cfg.model.get('_target_')}) with these settings has {count:,} parameters, which need about "
-            f"{needed / 2**30:,.0f} GiB to train; this machine has {available / 2**30:,.0f} GiB of {where}. "
-            "Use smaller model.* (or prior.*) sizes."
+            f"{needed / 2**30:,.0f} GiB to train{objective_part}; "
+            f"this machine has {available / 2**30:,.0f} GiB of {where}. "
+            f"Use smaller model.* (or prior.*{', loss.*' if own else ''}) sizes."
         )
 
 

@@ -1,5 +1,8 @@
 """data=arrays: images from an .npz file (x_train, x_test; optionally y_train, y_test).
 
+Optionally too, the images' generating factors, for the disentanglement metrics:
+f_train and f_test, (N, K) numbers, and factor_names, K strings (else factor_0, ...).
+
 uint8 arrays are 8-bit images (0..255); float arrays must lie in [0, 1]. Images are
 (N, C, H, W) or (N, H, W, C) with C = 1 or 3 (`layout`, or inferred where only one
 reading is possible), or (N, H, W) for one channel. The file is read with
@@ -19,6 +22,7 @@ from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageDat
 LAYOUTS = ("auto", "NCHW", "NHWC")
 IMAGE_KEYS = ("x_train", "x_test")
 LABEL_KEYS = ("y_train", "y_test")
+FACTOR_KEYS = ("f_train", "f_test")
 
 
 def load_arrays(path: str | Path, layout: Literal[LAYOUTS] = "auto", limit: int | None = None, binarize: Binarize = "none",
@@ -43,10 +47,11 @@ def load_arrays(path: str | Path, layout: Literal[LAYOUTS] = "auto", limit: int 
                          f"{tuple(images['x_test'].shape[1:])}; both splits need one image shape")
     kinds = {values_of(arrays[key]) for key in IMAGE_KEYS}
     labels = _labels(path, arrays, {key: len(images[key]) for key in IMAGE_KEYS})
+    factors = _factors(path, arrays, {key: len(images[key]) for key in IMAGE_KEYS})
     data = ImageData(
         name or path.stem, images["x_train"], labels[0], images["x_test"], labels[1],
         values="8bit" if "8bit" in kinds else "binary" if kinds == {"binary"} else "continuous",
-        labelled=labels[2],
+        labelled=labels[2], **factors,
     )
     return finish(data, limit, binarize)
 
@@ -113,6 +118,31 @@ def _labels(path: Path, arrays: dict, counts: dict) -> tuple[torch.Tensor, torch
             raise _bad(path, f"{key} holds the label {labels.min()}; labels are 0, 1, 2, ...")
         out.append(torch.from_numpy(labels.astype(np.int64)))
     return out[0], out[1], True
+
+
+def _factors(path: Path, arrays: dict, counts: dict) -> dict:
+    """ImageData's train_factors, test_factors and factor_names from f_train, f_test and factor_names, checked."""
+    present = [key for key in FACTOR_KEYS if key in arrays]
+    if not present:
+        return {}
+    if len(present) == 1:
+        raise _bad(path, f"it has {present[0]} but not {({*FACTOR_KEYS} - {present[0]}).pop()}; give factors for both splits or neither")
+    out = {}
+    for key, images_key, split in zip(FACTOR_KEYS, IMAGE_KEYS, ("train", "test")):
+        factors = arrays[key]
+        if factors.ndim != 2 or len(factors) != counts[images_key] or not np.issubdtype(factors.dtype, np.number):
+            raise _bad(path, f"{key} has shape {factors.shape} and dtype {factors.dtype}; factors are ({counts[images_key]:,}, K) "
+                             "numbers, one row per image of " + images_key)
+        if not np.isfinite(factors).all():
+            raise _bad(path, f"{key} holds NaN or infinite values")
+        out[f"{split}_factors"] = torch.from_numpy(factors.astype(np.float32))
+    count = out["train_factors"].shape[1]
+    if out["test_factors"].shape[1] != count:
+        raise _bad(path, f"f_train has {count} factors but f_test has {out['test_factors'].shape[1]}")
+    names = arrays.get("factor_names", np.array([f"factor_{k}" for k in range(count)]))
+    if names.shape != (count,) or names.dtype.kind != "U":
+        raise _bad(path, f"factor_names has shape {names.shape} and dtype {names.dtype}; it holds {count} strings, one per factor")
+    return {**out, "factor_names": tuple(str(name) for name in names)}
 
 
 def _bad(path: Path, what: str) -> DataCorruptError:
