@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vae_lab.errors import USER_ERROR_EXIT, VaeLabError, signal_number, sigterm_as_keyboard_interrupt
+from vae_lab.errors import USER_ERROR_EXIT, ConfigError, VaeLabError, first_line, signal_number, sigterm_as_keyboard_interrupt
 from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.options import usable_cores
@@ -214,7 +214,10 @@ def hydra_main(cfg: DictConfig):
         return run_task(cfg, run_dir).value
     except VaeLabError as error:
         log.error("%s", error)
-        sys.exit(getattr(error, "exit_code", USER_ERROR_EXIT))
+        code = getattr(error, "exit_code", USER_ERROR_EXIT)
+        if code == USER_ERROR_EXIT:
+            _restore_record()  # a refused resume=true leaves the run's record as it was, for the corrected command
+        sys.exit(code)
     except KeyboardInterrupt as interrupt:
         number = signal_number(interrupt)
         log.error("%s", _interrupted_message(number, cfg.task, run_dir))
@@ -232,11 +235,15 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
     of its own (SLURM, submitit, joblib, Ray) that gets a signal, e.g. `scancel` of that
     one job, is recorded as interrupted and returns: the other jobs go on.
     """
+    kept = _kept_on_resume(cfg, run_dir)
+    if kept is not None:
+        return kept
     started = time.perf_counter()
     status = {"status": "completed", "error": ""}
     value, interrupted = math.nan, None
     try:
         value = run_task(cfg, run_dir).value
+        status["value"] = value
     except KeyboardInterrupt as interrupt:
         interrupted = signal_number(interrupt)
         status = {"status": "interrupted", "error": _interrupted_message(interrupted, cfg.task, run_dir)}
@@ -258,6 +265,26 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
         log.error("job %s interrupted by %s in its own process: recorded as interrupted; the sweep's other jobs go on.",
                   run_dir.name, signal.Signals(interrupted).name)
     return value
+
+
+def _kept_on_resume(cfg: DictConfig, run_dir: Path) -> float | None:
+    """resume=true in a sweep: a completed job (or, without resume_failed=true, a failed one) is kept as it
+    is, files untouched, and its recorded value returned; None for a job to run (unfinished, interrupted)."""
+    if cfg.get("resume") is not True or not RunLayout(run_dir).job_file.is_file():
+        return None
+    try:
+        status = json.loads(RunLayout(run_dir).job_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None  # a damaged record: the job's checkpoint decides
+    if not isinstance(status, dict):
+        return None
+    state = status.get("status")
+    if state == "completed" or (state == "failed" and not cfg.get("resume_failed")):
+        log.info("resume=true: job %s %s before; kept as it is%s", run_dir.name, state,
+                 " (resume_failed=true runs it again)" if state == "failed" else "")
+        value = status.get("value")
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    return None
 
 
 def _missing_config_dir() -> str | None:
@@ -329,6 +356,11 @@ def main() -> None:
     if message:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    try:
+        sys.argv[1:] = resumed_arguments(sys.argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
     # Run and sweep directories are checked where Hydra resolves them: vae_lab.rundir.RunDirectoryGuard.
     os.environ[SWEEP_PROCESS] = str(os.getpid())  # inherited by launchers' job processes, which do not run main()
     with sigterm_as_keyboard_interrupt():
@@ -341,6 +373,80 @@ def main() -> None:
                 _stop_sweep(sweep_dir, number)
             print(f"interrupted by {signal.Signals(number).name}; nothing was written over.", file=sys.stderr)
             sys.exit(128 + number)
+
+
+RESUME_FLAGS = ("resume=true", "resume=True")
+MULTIRUN_FLAGS = ("-m", "--multirun")
+# Recorded Hydra overrides that this command gives anew: the folder, and the mode (-m).
+NOT_REPEATED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode")
+
+
+def _override_key(argument: str) -> str:
+    return argument.lstrip("+~").split("=", 1)[0]
+
+
+def resumed_arguments(arguments: list[str]) -> list[str]:
+    """resume=true: the command line recorded in the run (or sweep) folder, then this one's additions.
+
+    `python run.py hydra.run.dir=D resume=true train.epochs=20` runs what D's .hydra/overrides.yaml
+    (and the Hydra overrides of .hydra/hydra.yaml) recorded, with train.epochs=20 replacing the
+    recorded value; `-m hydra.sweep.dir=D resume=true` reruns D/multirun.yaml's sweep, whose
+    overrides may be repeated only with the values recorded. Anything else is returned unchanged.
+    """
+    if not any(argument in RESUME_FLAGS for argument in arguments):
+        return arguments
+    sweep = any(argument in MULTIRUN_FLAGS for argument in arguments)
+    setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    given = [a.split("=", 1)[1] for a in arguments if _override_key(a) == setting and "=" in a]
+    if not given or not given[-1]:
+        raise ConfigError(f"resume=true continues a {'sweep' if sweep else 'run'} where it stands: name its folder with "
+                          f"{setting}=<folder> (the {'multirun' if sweep else 'outputs'}/<date>/<time> it was written to)")
+    folder = Path(given[-1]).expanduser()
+    task, hydra = _recorded_overrides(folder, sweep, setting)
+    if not sweep:  # Hydra rewrites the record before the task runs; a refused resume puts it back
+        _RECORD_BEFORE_RESUME.update({path: path.read_bytes() for path in (folder / ".hydra").glob("*.yaml")})
+    ours = {_override_key(a): a for a in arguments if "=" in a and not a.startswith("-")}
+    if sweep:
+        disagree = [a for a in task if _override_key(a) in ours and ours[_override_key(a)] != a]
+        if disagree:
+            key = _override_key(disagree[0])
+            raise ConfigError(f"resume=true: {folder} is the sweep {' '.join(task)}; {ours[key]} disagrees with its {disagree[0]}. "
+                              "Leave the sweep's overrides out (they are read from the folder) or repeat them as recorded.")
+    kept = [a for a in hydra if _override_key(a) not in NOT_REPEATED and _override_key(a) not in ours]
+    # After this command's own (so its flags come first, as Hydra's parser wants); none of them repeats a key given here.
+    return [*arguments, *kept, *(a for a in task if _override_key(a) not in ours)]
+
+
+_RECORD_BEFORE_RESUME: dict[Path, bytes] = {}  # a resumed run's Hydra record as it was before this command
+
+
+def _restore_record() -> None:
+    for path, content in _RECORD_BEFORE_RESUME.items():
+        write_atomic(path, content)
+    _RECORD_BEFORE_RESUME.clear()
+
+
+def _recorded_overrides(folder: Path, sweep: bool, setting: str) -> tuple[list[str], list[str]]:
+    """(task overrides, Hydra overrides) as Hydra recorded them in the folder."""
+    import yaml
+
+    record = folder / ("multirun.yaml" if sweep else ".hydra/hydra.yaml")
+    if not record.is_file():
+        what = "sweep (no multirun.yaml)" if sweep else "run (no .hydra/hydra.yaml)"
+        raise ConfigError(f"resume=true: {setting}={folder} holds no vae_lab {what} to continue. "
+                          + ("Start the sweep without resume=true." if sweep else
+                             "Start the run without resume=true, or continue a checkpoint into a new folder with "
+                             "train.resume=<checkpoint>."))
+    try:
+        recorded = yaml.safe_load(record.read_text())
+        overrides = recorded["hydra"]["overrides"]
+        task, hydra = list(overrides["task"] or []), list(overrides["hydra"] or [])
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as error:
+        raise ConfigError(f"resume=true: {record} cannot be read as Hydra's record ({first_line(error)}); "
+                          "it was altered or written by another program.") from None
+    if not all(isinstance(a, str) for a in task + hydra):
+        raise ConfigError(f"resume=true: {record} holds overrides that are not strings; it was altered or written by another program.")
+    return task, hydra
 
 
 def _sweep_in_progress() -> Path | None:

@@ -142,6 +142,8 @@ class RunSettings:
     seed: int
     device: str
     figures: bool
+    resume: bool
+    resume_failed: bool
 
 
 SETTINGS = {"train": TrainSettings, "evaluate": EvaluateSettings, "summarize": SummarizeSettings}

@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vae_lab.errors import USER_ERROR_EXIT, VaeLabError
 from vae_lab.files import NO_FOLLOW
-from vae_lab.layout import LOCK_FILE
+from vae_lab.layout import LOCK_FILE, RunLayout
+
+LAST_CHECKPOINT = RunLayout(Path()).last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,11 @@ class RunDirectoryError(VaeLabError):
     """A run directory that already holds a run, is used by another process, or cannot be created."""
 
 
-def claim(folder: Path, setting: str, record: frozenset = RUN_RECORD):
+def claim(folder: Path, setting: str, record: frozenset | None = RUN_RECORD):
     """Create `folder` if needed and lock it for this process; return the open lock file (keep it open).
 
-    Refused when the folder holds anything beyond `record` or another process holds its lock.
+    Refused when the folder holds anything beyond `record` (None: a run continued in place,
+    resume=true, whose files are its own) or another process holds its lock.
     """
     _refuse_used(folder, setting, record)
     _create(folder, setting)
@@ -96,7 +99,9 @@ def leftovers(folder: Path, record: frozenset = RUN_RECORD) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir() if entry.name not in record or entry.is_symlink())
 
 
-def _refuse_used(folder: Path, setting: str, record: frozenset) -> None:
+def _refuse_used(folder: Path, setting: str, record: frozenset | None) -> None:
+    if record is None:
+        return
     found = leftovers(folder, record)
     if found:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
@@ -205,7 +210,10 @@ class RunDirectoryGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir
         folder = Path(os.path.normpath(Path(str(config.hydra.run.dir)).expanduser().absolute()))
-        self._claim("run", folder, "hydra.run.dir", lambda: run_record(config))
+        if _resuming(config) and not (folder / LAST_CHECKPOINT).is_file():
+            _refuse(f"resume=true: hydra.run.dir={folder} holds no {LAST_CHECKPOINT} to continue from. Start the run "
+                    "without resume=true, or name the folder of the run to continue.")
+        self._claim("run", folder, "hydra.run.dir", None if _resuming(config) else lambda: run_record(config))
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self._release("run")
@@ -219,7 +227,7 @@ class RunDirectoryGuard(Callback):
             raw = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
             _refuse(f"hydra.sweep.subdir={raw} gives two jobs of this sweep the same folder ({folder / shared}), so one "
                     "would write over the other. Keep the default ${hydra.job.num}, or include it in the subdir.")
-        self._claim("sweep", folder, "hydra.sweep.dir", SWEEP_RECORD | {"multirun.yaml"})
+        self._claim("sweep", folder, "hydra.sweep.dir", None if _resuming(config) else SWEEP_RECORD | {"multirun.yaml"})
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         self._release("sweep")
@@ -229,7 +237,8 @@ class RunDirectoryGuard(Callback):
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             return  # the run directory was claimed in on_run_start
         # Hydra has just written this job's .hydra/ and run.log here; anything else is another job's.
-        self._claim("job", Path(config.hydra.runtime.output_dir), "job directory", lambda: run_record(config))
+        self._claim("job", Path(config.hydra.runtime.output_dir), "job directory",
+                    None if _resuming(config) else lambda: run_record(config))
 
     def on_job_end(self, config: DictConfig, **kwargs) -> None:
         self._release("job")
@@ -244,6 +253,11 @@ class RunDirectoryGuard(Callback):
         lock = self._locks.pop(kind, None)
         if lock is not None:
             lock.close()
+
+
+def _resuming(config: DictConfig) -> bool:
+    """resume=true: the folder's files are the run's own, to continue (vae_lab.train decides how)."""
+    return config.get("resume") is True
 
 
 def _refuse(message: str) -> None:

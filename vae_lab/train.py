@@ -24,7 +24,7 @@ from vae_lab.checkpoint import (
 )
 from vae_lab.data import ImageData
 from vae_lab.engine import NonFiniteLossError, run_epoch
-from vae_lab.errors import ConfigError, VaeLabError, sigterm_as_keyboard_interrupt
+from vae_lab.errors import CheckpointError, ConfigError, VaeLabError, sigterm_as_keyboard_interrupt
 from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.objectives import Objective
@@ -56,16 +56,30 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     compares across alphas).
     """
     device = resolve_device(cfg.device)
-    _refuse_used_run_dir(run_dir)
-    resumed = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
+    layout = RunLayout(run_dir)
+    in_place = cfg.get("resume") is True
+    source = layout.last_checkpoint if in_place else cfg.train.resume
+    if in_place and not layout.last_checkpoint.is_file():
+        source = None  # a sweep job that never finished an epoch: it starts
+        _refuse_checkpoints_without_last(layout)
+    elif not in_place:
+        _refuse_used_run_dir(run_dir)
+    resumed = (_load_last_good(layout) if in_place else load_checkpoint(source)) if source else None
     if resumed is not None:
-        cfg = _config_for_resume(cfg, resumed)
+        cfg = _config_for_resume(cfg, resumed, source, strict=in_place)
         _record_what_runs(cfg, run_dir)
-    if resumed is not None and resumed["epoch"] >= cfg.train.epochs:
+    finished = resumed is not None and in_place and resumed["epoch"] == cfg.train.epochs
+    if finished and not (cfg.train.evaluate_at_end and not layout.report.is_file()):
+        return _nothing_left(cfg, layout, resumed)
+    if finished:
+        log.info("resume=true: training had finished (epoch %d); what is left is the evaluation", resumed["epoch"])
+    elif resumed is not None and resumed["epoch"] >= cfg.train.epochs:
         raise ConfigError(
-            f"train.epochs={cfg.train.epochs}: the checkpoint {cfg.train.resume} is already at epoch "
+            f"train.epochs={cfg.train.epochs}: the checkpoint {source} is already at epoch "
             f"{resumed['epoch']}. Set train.epochs above {resumed['epoch']} to continue training."
         )
+    if resumed is not None and in_place and layout.results.exists():
+        _keep_earlier_results(layout, resumed["epoch"])
 
     seed_everything(cfg.seed)
     data, model, objective, optimizer, scheduler, step = build_training(cfg, device)
@@ -76,10 +90,10 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     shuffle = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
     if resumed is not None:
-        check_data_fits(resumed, data, cfg.train.resume)
-        _restore(resumed, cfg.train.resume, model, objective, optimizer, scheduler, shuffle, device)
+        check_data_fits(resumed, data, source)
+        _restore(resumed, source, model, objective, optimizer, scheduler, shuffle, device)
         history = list(resumed["history"])
-        log.info("resumed from %s at epoch %d", cfg.train.resume, resumed["epoch"])
+        log.info("resumed from %s at epoch %d%s", source, resumed["epoch"], " (in place: resume=true)" if in_place else "")
     start_epoch = resumed["epoch"] if resumed is not None else 0
 
     log.info(
@@ -91,7 +105,6 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         log.warning("the training split holds %d images, fewer than train.batch_size=%d: each epoch is one batch of %d",
                     len(data.train_images), cfg.train.batch_size, len(data.train_images))
     config = plain_config(cfg)
-    layout = RunLayout(run_dir)
     logger = build(cfg.logger)(run_dir)
     logger.start(history, config)
     progress_images = data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row]
@@ -266,13 +279,24 @@ def _refuse_used_run_dir(run_dir: Path) -> None:
         )
 
 
-def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
-    """The experiment as the checkpoint recorded it, with this run's train settings and data location."""
-    saved = saved_config(resumed, cfg.train.resume, tuple(cfg.trusted_modules))
+def _config_for_resume(cfg: DictConfig, resumed: dict, path, strict: bool = False) -> DictConfig:
+    """The experiment as the checkpoint recorded it, with this run's train settings and data location.
+
+    train.resume (strict=False) takes the experiment from the file and says which given values it
+    ignores; resume=true (strict) composed its config from the run's own record, so any difference
+    means the folder's checkpoint is not this run's, or the command changes the experiment: refused.
+    """
+    saved = saved_config(resumed, path, tuple(cfg.trusted_modules))
     cfg = copy.deepcopy(cfg)
     ignored = [key for key in EXPERIMENT_KEYS if _plain(cfg[key], MACHINE_DATA_KEYS) != _plain(saved[key], MACHINE_DATA_KEYS)]
     defaults = {"kl_warmup_epochs": 0}  # checkpoints from before warm-up existed
     ignored += [f"train.{key}" for key in TRAIN_EXPERIMENT_KEYS if cfg.train[key] != saved.train.get(key, defaults.get(key))]
+    if ignored and strict:
+        raise ConfigError(
+            f"resume=true: {path} was trained with other settings of {', '.join(ignored)} than this command composes from "
+            "the run's record: the checkpoint belongs to another config, or the command changes the experiment. Continue it with "
+            f"its own settings (leave {ignored[0]} out), or into a new folder with train.resume={path}."
+        )
     if ignored:
         log.warning("train.resume: %s come from the checkpoint; the values given now are ignored", ", ".join(ignored))
     with open_dict(cfg):
@@ -285,6 +309,63 @@ def _config_for_resume(cfg: DictConfig, resumed: dict) -> DictConfig:
         for key in TRAIN_EXPERIMENT_KEYS:
             cfg.train[key] = saved.train.get(key, defaults.get(key))
     return cfg
+
+
+def _nothing_left(cfg: DictConfig, layout: RunLayout, resumed: dict) -> TaskOutcome:
+    """resume=true on a run that is complete: nothing is run or written; its outcome as it stands."""
+    import json
+
+    log.info("resume=true: %s is complete at epoch %d of train.epochs=%d; nothing left to do (raise train.epochs to "
+             "train on)", layout.root, resumed["epoch"], cfg.train.epochs)
+    final = resumed["history"][-1]
+    try:
+        report = json.loads(layout.report.read_text())
+        report = report if isinstance(report, dict) and {"neg_elbo", "iw_nll", "iw_samples", "active_units", "latent_dim"} <= set(report) else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        report = None  # absent or unreadable: the outcome points at the training's files instead
+    value = final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
+    return training_outcome(layout.root, value, final, report)
+
+
+def _refuse_checkpoints_without_last(layout: RunLayout) -> None:
+    """resume=true in a folder with epoch checkpoints but no last.pt: something removed it; never start over them."""
+    found = sorted(layout.checkpoints.glob("model_*.pt")) if layout.checkpoints.is_dir() else []
+    if found:
+        raise ConfigError(f"resume=true: {layout.checkpoints} holds {found[-1].name} but no last.pt. Continue from it into a "
+                          f"new folder: python run.py task=train train.resume={found[-1]}")
+
+
+def _load_last_good(layout: RunLayout) -> dict:
+    """last.pt, or a message naming the newest epoch checkpoint that loads and the command that continues from it."""
+    try:
+        return load_checkpoint(layout.last_checkpoint)
+    except CheckpointError as error:
+        good = None
+        for candidate in sorted(layout.checkpoints.glob("model_*.pt"), key=_epoch_of, reverse=True):
+            try:
+                load_checkpoint(candidate)
+            except CheckpointError:
+                continue
+            good = candidate
+            break
+        hint = (f"The newest good checkpoint is {good.name}: continue from it into a new folder with "
+                f"python run.py task=train train.resume={good}" if good else "No epoch checkpoint in that folder loads either.")
+        raise CheckpointError(f"resume=true: {error} {hint}") from None
+
+
+def _epoch_of(path: Path) -> int:
+    digits = path.stem.removeprefix("model_")
+    return int(digits) if digits.isdigit() else -1
+
+
+def _keep_earlier_results(layout: RunLayout, epoch: int) -> None:
+    """A finished run continued in place: its results/ (of `epoch`) move aside to results_epoch<N>/, never over."""
+    target = layout.root / f"results_epoch{epoch}"
+    if target.exists():
+        raise ConfigError(f"resume=true: {layout.results} holds the results of an earlier evaluation and {target} exists too; "
+                          "move one of them away first, so that nothing is written over.")
+    layout.results.rename(target)
+    log.info("the results of epoch %d moved to %s; the evaluation at the end writes %s anew", epoch, target, layout.results)
 
 
 def _record_what_runs(cfg: DictConfig, run_dir: Path) -> None:

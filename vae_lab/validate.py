@@ -61,6 +61,11 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
         trusted_modules = tuple(cfg.get("trusted_modules") or ())
     _refuse_untrusted(cfg, trusted_modules)
     _one_of(cfg, "task", TASKS)
+    if cfg.get("resume") is True and cfg.task != "train":
+        raise ConfigError(f"resume=true continues a training run; task={cfg.task} has nothing to continue. Leave resume out.")
+    if cfg.get("resume") is True and OmegaConf.select(cfg, "train.resume"):
+        raise ConfigError(f"resume=true and train.resume={cfg.train.resume} both say where to continue from: resume=true "
+                          "continues the run folder in place, train.resume continues a checkpoint into a new folder. Choose one.")
     for key in ("train.batch_size", "train.epochs", "train.checkpoint_every", "train.plot_every", "model.latent_dim",
                 "model.hidden_dim", "evaluate.batch_size", "evaluate.iw_samples", "evaluate.reconstruction_rows",
                 "evaluate.images_per_row", "evaluate.generation_samples", "evaluate.embedding_points",
