@@ -150,6 +150,59 @@ def test_a_failed_and_a_cancelled_slurm_job_are_reported_and_the_others_finish(s
     assert list(states.values()).count("COMPLETED") == 2  # the failed job itself ended cleanly
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
+def test_a_requeued_slurm_job_continues_in_its_folder_to_the_weights_of_an_uninterrupted_run(slurm_env, tmp_path):
+    import torch
+
+    from vae_lab.checkpoint import load_checkpoint
+
+    sweep_dir, straight = tmp_path / "sweep", tmp_path / "straight"
+    run = ["threads=1", "train.epochs=60", "train.checkpoint_every=1000", "train.plot_every=1000", "model.latent_dim=3"]
+    process = start_sweep(sweep_dir, run, slurm_env)
+    try:
+        job = _requeue_after_first_epoch(sweep_dir / "0", slurm_env)
+        out, err = process.communicate(timeout=400)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-3000:]
+    deadline = time.monotonic() + 60  # the accounting records the end a moment after the job has ended
+    while accounted_states([job], slurm_env)[job] != "COMPLETED" and time.monotonic() < deadline:
+        time.sleep(1)
+    assert accounted_states([job], slurm_env)[job] == "COMPLETED"
+    assert int(slurm(["scontrol", "show", "job", job], slurm_env).split("Restarts=")[1].split()[0]) == 1
+    assert_complete(sweep_dir / "0")
+    assert [row["epoch"] for row in csv.DictReader((sweep_dir / "0" / "metrics.csv").open())] == [str(e) for e in range(1, 61)]
+    assert "resumed from" in (sweep_dir / "0" / "run.log").read_text()
+    # The same job without SLURM and without the requeue: the same final weights.
+    done = subprocess.run([sys.executable, "run.py", *JOB, *run, f"hydra.run.dir={straight}"], cwd=REPO, env=slurm_env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, requeued = (load_checkpoint(folder / "checkpoints" / "last.pt") for folder in (straight, sweep_dir / "0"))
+    assert all(torch.equal(tensor, requeued["model"][key]) for key, tensor in expected["model"].items())
+
+
+def _requeue_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:
+    """scontrol requeue the job of `job_dir` once it has trained an epoch, and lift the hold SLURM puts on a
+    requeued job (about two minutes on the local cluster) so that it restarts at once; return its id."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = job_dir / "metrics.csv"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            job = job_id(job_dir)
+            slurm(["scontrol", "requeue", job], env)
+            while time.monotonic() < deadline:
+                state = slurm(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], env).strip()
+                if state == "PENDING":
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+                elif state == "RUNNING" and "Restarts=1" in slurm(["scontrol", "show", "job", job], env):
+                    return job
+                time.sleep(0.5)
+        time.sleep(0.2)
+    raise AssertionError(f"{job_dir} was not requeued and restarted in {timeout} s")
+
+
 def _cancel_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:
     """scancel the job of `job_dir` once its metrics.csv has an epoch; return its id."""
     deadline = time.monotonic() + timeout

@@ -26,6 +26,7 @@ from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.options import usable_cores
 from vae_lab.outcome import TaskOutcome, closing_block
+from vae_lab.slurm import being_requeued, is_restart
 from vae_lab.validate import validate
 
 # Nothing here imports torch: a config error or `--help` answers in a fraction of a second.
@@ -241,24 +242,38 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
     started = time.perf_counter()
     status = {"status": "completed", "error": ""}
     value, interrupted = math.nan, None
+    requeued = False
     try:
         value = run_task(cfg, run_dir).value
         status["value"] = value
     except KeyboardInterrupt as interrupt:
         interrupted = signal_number(interrupt)
         status = {"status": "interrupted", "error": _interrupted_message(interrupted, cfg.task, run_dir)}
+        requeued = being_requeued()
     except VaeLabError as error:
         log.error("%s", error)
         status = {"status": "failed", "error": str(error)}
         if getattr(error, "exit_code", 0) > 128:  # training stopped by a signal, its checkpoint saved
             interrupted, status["status"] = error.exit_code - 128, "interrupted"
+            requeued = being_requeued()
+    except SystemExit:  # submitit's handler of the preemption / time-limit signal, once it has requeued the job
+        requeued = being_requeued()
+        status = {"status": "requeued" if requeued else "interrupted", "error": "stopped by the SLURM job's own signal handler"}
+        raise
     except Exception as error:  # a bug: keep its traceback in run.log, and the sweep going
         log.exception("job failed")
         status = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
     finally:
+        if requeued:
+            status = {"status": "requeued", "error": "SLURM requeued the job; when it restarts it continues from "
+                                                     f"{RunLayout(run_dir).last_checkpoint} in this folder"}
         status["seconds"] = round(time.perf_counter() - started, 3)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(RunLayout(run_dir).job_file, json.dumps(status, indent=2) + "\n")
+    if requeued:  # no result: submitit waits for the restarted job, which continues in place
+        log.warning("job %s is being requeued by SLURM: it stops here and continues from its last epoch when it "
+                    "restarts", run_dir.name)
+        raise SystemExit(128 + (interrupted or signal.SIGTERM))
     if interrupted is not None and os.environ.get(SWEEP_PROCESS) == str(os.getpid()):
         _stop_sweep(sweep_dir, interrupted, f" in job {run_dir.name}")  # exits
     elif interrupted is not None:
@@ -270,7 +285,7 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
 def _kept_on_resume(cfg: DictConfig, run_dir: Path) -> float | None:
     """resume=true in a sweep: a completed job (or, without resume_failed=true, a failed one) is kept as it
     is, files untouched, and its recorded value returned; None for a job to run (unfinished, interrupted)."""
-    if cfg.get("resume") is not True or not RunLayout(run_dir).job_file.is_file():
+    if (cfg.get("resume") is not True and not is_restart()) or not RunLayout(run_dir).job_file.is_file():
         return None
     try:
         status = json.loads(RunLayout(run_dir).job_file.read_text())

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from vae_lab.errors import USER_ERROR_EXIT, VaeLabError
 from vae_lab.files import NO_FOLLOW
 from vae_lab.layout import LOCK_FILE, RunLayout
+from vae_lab.slurm import is_restart
 
 LAST_CHECKPOINT = RunLayout(Path()).last_checkpoint
 
@@ -210,7 +211,7 @@ class RunDirectoryGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir
         folder = Path(os.path.normpath(Path(str(config.hydra.run.dir)).expanduser().absolute()))
-        if _resuming(config) and not (folder / LAST_CHECKPOINT).is_file():
+        if config.get("resume") is True and not (folder / LAST_CHECKPOINT).is_file():
             _refuse(f"resume=true: hydra.run.dir={folder} holds no {LAST_CHECKPOINT} to continue from. Start the run "
                     "without resume=true, or name the folder of the run to continue.")
         self._claim("run", folder, "hydra.run.dir", None if _resuming(config) else lambda: run_record(config))
@@ -256,8 +257,9 @@ class RunDirectoryGuard(Callback):
 
 
 def _resuming(config: DictConfig) -> bool:
-    """resume=true: the folder's files are the run's own, to continue (vae_lab.train decides how)."""
-    return config.get("resume") is True
+    """resume=true, or a SLURM job restarted after a requeue: the folder's files are the run's own,
+    to continue (vae_lab.train decides how)."""
+    return config.get("resume") is True or is_restart()
 
 
 def _refuse(message: str) -> None:

@@ -31,6 +31,7 @@ from vae_lab.objectives import Objective
 from vae_lab.options import EXPERIMENT_GROUPS
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
+from vae_lab.slurm import is_restart
 from vae_lab.validate import attempt, declared_image_shape, dry_build
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,18 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     """
     device = resolve_device(cfg.device)
     layout = RunLayout(run_dir)
-    in_place = cfg.get("resume") is True
-    source = layout.last_checkpoint if in_place else cfg.train.resume
-    if in_place and not layout.last_checkpoint.is_file():
-        source = None  # a sweep job that never finished an epoch: it starts
-        _refuse_checkpoints_without_last(layout)
-    elif not in_place:
-        _refuse_used_run_dir(run_dir)
-    resumed = (_load_last_good(layout) if in_place else load_checkpoint(source)) if source else None
+    # resume=true, or a requeued SLURM job, continues the run in its folder from its last.pt; one that
+    # never finished an epoch starts (from train.resume where it names a checkpoint, as the first start did).
+    in_place = (cfg.get("resume") is True or is_restart()) and layout.last_checkpoint.is_file()
+    if in_place:
+        source, resumed = layout.last_checkpoint, _load_last_good(layout)
+    else:
+        if cfg.get("resume") is True or is_restart():
+            _refuse_checkpoints_without_last(layout)
+        else:
+            _refuse_used_run_dir(run_dir)
+        source = cfg.train.resume
+        resumed = load_checkpoint(source) if source else None
     if resumed is not None:
         cfg = _config_for_resume(cfg, resumed, source, strict=in_place)
         _record_what_runs(cfg, run_dir)
