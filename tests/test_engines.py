@@ -183,6 +183,34 @@ def test_a_requeued_slurm_job_continues_in_its_folder_to_the_weights_of_an_unint
     assert all(torch.equal(tensor, requeued["model"][key]) for key, tensor in expected["model"].items())
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
+def test_a_job_longer_than_its_time_limit_is_requeued_by_submitit_and_completes_in_one_folder(slurm_env, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # A 1-minute limit, the USR2 warning 30 s before it: submitit requeues the job, which continues where it stood.
+    run = ["threads=1", "train.epochs=500", "train.checkpoint_every=100000", "train.plot_every=100000",
+           "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
+    process = start_sweep(sweep_dir, run, slurm_env)
+    try:
+        deadline = time.monotonic() + 400
+        while process.poll() is None and time.monotonic() < deadline:  # lift the local cluster's hold on requeued jobs
+            if (sweep_dir / "0" / ".hydra" / "hydra.yaml").is_file():
+                job = job_id(sweep_dir / "0")
+                if slurm(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], slurm_env).strip() == "PENDING":
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, capture_output=True)
+            time.sleep(1)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert_complete(sweep_dir / "0")
+    log = (sweep_dir / "0" / "run.log").read_text()
+    assert "being requeued by SLURM" in log and "resumed from" in log
+    epochs = [row["epoch"] for row in csv.DictReader((sweep_dir / "0" / "metrics.csv").open())]
+    assert epochs == [str(e) for e in range(1, 501)]
+
+
 def _requeue_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:
     """scontrol requeue the job of `job_dir` once it has trained an epoch, and lift the hold SLURM puts on a
     requeued job (about two minutes on the local cluster) so that it restarts at once; return its id."""
