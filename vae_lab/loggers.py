@@ -1,8 +1,8 @@
 """Where per-epoch metrics, progress images and the final report go.
 
 `Loggers` is what the train task builds from the `logger` config group: metrics.csv
-(part of the run-directory contract, so always written) plus any of TensorBoard and
-MLflow, chosen together with `logger=[tensorboard,mlflow]`. Every logger has the same
+(part of the run-directory contract, so always written) plus any of TensorBoard, MLflow
+and Weights & Biases, chosen together with `logger=[tensorboard,mlflow,wandb]`. Every logger has the same
 methods: start, log_epoch, log_images, log_report, close.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ import csv
 import sys
 import time
 from collections.abc import Mapping
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -167,6 +168,63 @@ class MLflowLogger:
         self.client.set_terminated(self.run_id, _run_status(sys.exc_info()[1]))
 
 
+class WandbLogger:
+    """One Weights & Biases run per training run, offline by default: everything under <run>/wandb,
+    nothing sent (`wandb sync <run>/wandb/offline-run-*` uploads it later; mode=online logs live once
+    `wandb login` has been run). The same as the MLflow logger: the config, per-epoch metrics at
+    step = epoch, progress images, the report's numbers under final/ in the run's summary and the
+    results/ figures; a sweep's jobs share the group <sweep folder name> and are named <sweep>/<job>.
+    """
+
+    MODES = ("offline", "online", "disabled")
+
+    def __init__(self, run_dir: Path, project: str = "vae_lab", mode: Literal["offline", "online", "disabled"] = "offline",
+                 entity: str | None = None):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        try:
+            import wandb
+        except ImportError:
+            raise VaeLabError(
+                "logger=wandb needs the wandb package: pip install -e '.[wandb]' (or leave it out of logger=[...])"
+            ) from None
+        self.wandb = wandb
+        run_dir = Path(run_dir)
+        self.run_dir = run_dir
+        sweep_dir = run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None
+        name = f"{sweep_dir.name}/{run_dir.name}" if sweep_dir is not None else run_dir.name
+        self.run = wandb.init(
+            project=project, entity=entity, dir=str(run_dir), mode=mode, name=name,
+            group=sweep_dir.name if sweep_dir is not None else None, reinit="create_new",
+            tags=[f"job:{run_dir.name}"] if sweep_dir is not None else None,
+            settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
+        )
+
+    def start(self, history: list[dict], config: dict | None = None) -> None:
+        if config is not None:
+            self.run.config.update(config, allow_val_change=True)
+        for row in history:
+            self.log_epoch(row)
+
+    def log_epoch(self, row: dict) -> None:
+        self.run.log({key: value for key, value in row.items() if key not in ("epoch", "data")}, step=int(row["epoch"]))
+
+    def log_images(self, tag: str, grid: torch.Tensor, epoch: int) -> None:
+        image = (grid.detach().cpu().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        self.run.log({f"progress/{tag}": self.wandb.Image(image)}, step=epoch)
+
+    def log_report(self, report: dict, results_dir: Path) -> None:
+        self.run.summary.update({f"final/{key}": value for key, value in report.items()
+                                 if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        figures = sorted(Path(results_dir).glob("*.png")) if Path(results_dir).is_dir() else []
+        if figures:
+            self.run.log({f"results/{path.stem}": self.wandb.Image(str(path)) for path in figures}, step=int(report.get("epoch", 0)))
+
+    def close(self) -> None:
+        status = _run_status(sys.exc_info()[1])
+        self.run.finish(exit_code={"FINISHED": 0, "KILLED": 130}.get(status, 1))
+
+
 def _run_status(error: BaseException | None) -> str:
     """MLflow's end state of a run, from the exception leaving the train task, if any.
 
@@ -203,20 +261,20 @@ def _milliseconds() -> int:
 class Loggers:
     """metrics.csv and the loggers switched on in the config, called in turn.
 
-    tensorboard, mlflow: the keyword arguments of TensorBoardLogger / MLflowLogger, or
+    tensorboard, mlflow, wandb: the keyword arguments of TensorBoardLogger / MLflowLogger / WandbLogger, or
     None for off. (Settings rather than nested `_target_`s: a checkpoint's config may
     name a class only at the top of a group.) `settings_of` names the class each mapping's
     keys go to: the config validation checks them against its signature.
     """
 
-    settings_of = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}
+    settings_of = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger, "wandb": WandbLogger}
 
-    def __init__(self, run_dir: Path, tensorboard: Mapping | None = None, mlflow: Mapping | None = None):
+    def __init__(self, run_dir: Path, tensorboard: Mapping | None = None, mlflow: Mapping | None = None,
+                 wandb: Mapping | None = None):
         self.loggers = [CSVLogger(run_dir)]
-        if tensorboard is not None:
-            self.loggers.append(TensorBoardLogger(run_dir, **tensorboard))
-        if mlflow is not None:
-            self.loggers.append(MLflowLogger(run_dir, **mlflow))
+        for settings, kind in ((tensorboard, TensorBoardLogger), (mlflow, MLflowLogger), (wandb, WandbLogger)):
+            if settings is not None:
+                self.loggers.append(kind(run_dir, **settings))
 
     def start(self, history: list[dict], config: dict | None = None) -> None:
         for logger in self.loggers:

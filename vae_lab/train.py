@@ -132,6 +132,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         }
 
     epoch = start_epoch
+    trained = False
     try:
         with sigterm_as_keyboard_interrupt():
             for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -149,6 +150,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
                     _progress_images(model, progress_images, layout.progress, epoch, cfg, logger)
             if figures:
                 plots.loss_curves(history, layout.loss_curves)
+        trained = True
     except NonFiniteLossError as error:
         raise VaeLabError(
             f"training diverged: {error} of epoch {epoch}. {_where_to_resume(layout, saved_epoch, cfg.train.epochs)} "
@@ -165,20 +167,24 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
             f"interrupted during epoch {epoch}. {_where_to_resume(layout, saved_epoch, cfg.train.epochs)}", int(number)
         ) from None
     finally:
-        logger.close()
+        if not trained:  # the loggers record the run as failed or killed (they read the exception leaving here)
+            logger.close()
 
     final = history[-1]
     log.info("done: test loss %.3f (recon %.3f, kl %.3f) after %d epochs", final["test_loss"], final["test_recon"], final["test_kl"], epoch)
     report = None
-    if cfg.train.evaluate_at_end:
-        from vae_lab.evaluate import evaluate_model
+    try:  # the loggers stay open for the evaluation's report and figures, and close either way
+        if cfg.train.evaluate_at_end:
+            from vae_lab.evaluate import evaluate_model
 
-        # The model in memory holds exactly the weights of last.pt (written above); a fresh
-        # objective, as evaluating that file builds one (no warm-up factor, no autocast).
-        objective.kl_scale = 1.0
-        report = evaluate_model(cfg, model, objective, data, epoch=epoch, checkpoint=layout.last_checkpoint,
-                                results_dir=layout.results)
-        logger.log_report(report, layout.results)
+            # The model in memory holds exactly the weights of last.pt (written above); a fresh
+            # objective, as evaluating that file builds one (no warm-up factor, no autocast).
+            objective.kl_scale = 1.0
+            report = evaluate_model(cfg, model, objective, data, epoch=epoch, checkpoint=layout.last_checkpoint,
+                                    results_dir=layout.results)
+            logger.log_report(report, layout.results)
+    finally:
+        logger.close()
     value = final["test_recon"] + final["test_kl"] if cfg.train.return_metric == "test_neg_elbo" else final["test_loss"]
     return training_outcome(run_dir, value, final, report)
 
