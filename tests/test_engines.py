@@ -188,8 +188,9 @@ def test_a_requeued_slurm_job_continues_in_its_folder_to_the_weights_of_an_unint
 def test_a_job_longer_than_its_time_limit_is_requeued_by_submitit_and_completes_in_one_folder(slurm_env, tmp_path):
     sweep_dir = tmp_path / "sweep"
     # A 1-minute limit, the USR2 warning 30 s before it: submitit requeues the job, which continues where it stood.
-    run = ["threads=1", "train.epochs=500", "train.checkpoint_every=100000", "train.plot_every=100000",
-           "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"]
+    # 1,000 images x 80 epochs take about 40 s of training here: more than one 30-s allocation, on any machine.
+    run = ["threads=1", "data.limit=1000", "train.epochs=80", "train.checkpoint_every=100000", "train.plot_every=100000",
+           "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=10"]
     process = start_sweep(sweep_dir, run, slurm_env)
     try:
         deadline = time.monotonic() + 400
@@ -208,7 +209,7 @@ def test_a_job_longer_than_its_time_limit_is_requeued_by_submitit_and_completes_
     log = (sweep_dir / "0" / "run.log").read_text()
     assert "being requeued by SLURM" in log and "resumed from" in log
     epochs = [row["epoch"] for row in csv.DictReader((sweep_dir / "0" / "metrics.csv").open())]
-    assert epochs == [str(e) for e in range(1, 501)]
+    assert epochs == [str(e) for e in range(1, 81)]
 
 
 def _requeue_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:

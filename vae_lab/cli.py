@@ -267,12 +267,12 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
         if requeued:
             status = {"status": "requeued", "error": "SLURM requeued the job; when it restarts it continues from "
                                                      f"{RunLayout(run_dir).last_checkpoint} in this folder"}
+            log.warning("job %s is being requeued by SLURM: it stops here and continues from its last epoch when it "
+                        "restarts", run_dir.name)
         status["seconds"] = round(time.perf_counter() - started, 3)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(RunLayout(run_dir).job_file, json.dumps(status, indent=2) + "\n")
     if requeued:  # no result: submitit waits for the restarted job, which continues in place
-        log.warning("job %s is being requeued by SLURM: it stops here and continues from its last epoch when it "
-                    "restarts", run_dir.name)
         raise SystemExit(128 + (interrupted or signal.SIGTERM))
     if interrupted is not None and os.environ.get(SWEEP_PROCESS) == str(os.getpid()):
         _stop_sweep(sweep_dir, interrupted, f" in job {run_dir.name}")  # exits
