@@ -14,7 +14,8 @@ from vae_lab.cli import resumed_arguments, run_task
 from vae_lab.errors import CheckpointError, ConfigError
 
 RUN = ["device=cpu", "threads=1", "figures=false", "data=mnist_5k", "data.limit=128", "train.batch_size=64",
-       "evaluate.sample_metrics=false", "evaluate.iw_samples=2", "model.latent_dim=4", "evaluate.embedding_points=64"]
+       "evaluate.sample_metrics=false", "evaluate.iw_samples=2", "model.latent_dim=4", "evaluate.embedding_points=64",
+       "evaluate.samplers=[prior]"]
 
 
 def record(folder, task, hydra=("hydra.run.dir=x",), name=".hydra/hydra.yaml"):
