@@ -400,6 +400,53 @@ def _artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
     return paths
 
 
+# --- Data-parallel training (torchrun, gloo) ---------------------------------------------
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py"]
+DDP_RUN = ["device=cpu", "threads=1", "data=mnist_5k", "data.limit=512", "train.epochs=3", "train.batch_size=64",
+           "figures=false", "evaluate.sample_metrics=false", "evaluate.iw_samples=2", "evaluate.embedding_points=64"]
+
+
+@pytest.mark.slow
+def test_torchrun_trains_one_model_in_two_processes_into_one_run_directory(tmp_path):
+    from vae_lab.checkpoint import load_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    for command, folder in (([sys.executable, "run.py"], single), (TORCHRUN, parallel)):
+        done = subprocess.run([*command, *DDP_RUN, f"hydra.run.dir={folder}"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    # One run directory, one record, one metrics.csv: rank 1 wrote nothing of its own.
+    assert sorted(p.name for p in parallel.iterdir()) == sorted(p.name for p in single.iterdir())
+    assert len(list(tmp_path.rglob("metrics.csv"))) == 2 and not list(REPO.glob("outputs/*/*-ddp"))
+    rows = {name: list(csv.DictReader((folder / "metrics.csv").open())) for name, folder in (("1", single), ("2", parallel))}
+    assert [r["epoch"] for r in rows["2"]] == ["1", "2", "3"]
+    for one, two in zip(rows["1"], rows["2"]):  # the same curve, within the noise of other latent samples
+        assert float(two["test_loss"]) == pytest.approx(float(one["test_loss"]), rel=0.03)
+    assert float(rows["2"][-1]["test_loss"]) < float(rows["2"][0]["test_loss"])
+    # Its checkpoint is a plain one: it evaluates in one process.
+    evaluated = subprocess.run([sys.executable, "run.py", "task=evaluate", f"evaluate.checkpoint={parallel}",
+                                "evaluate.sample_metrics=false", "evaluate.iw_samples=2", "figures=false", "device=cpu",
+                                "data=mnist_5k", f"hydra.run.dir={tmp_path / 'evaluated'}"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert load_checkpoint(parallel / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [
+    (["train.batch_size=1"], "torchrun starts 2 processes, and train.batch_size=1"),
+    (["loss=factor_vae"], "trains a network of its own"),
+    (["-m", "train.alpha=0.1,1.0"], "does not run sweeps"),
+])
+def test_torchrun_refuses_what_cannot_be_split(tmp_path, overrides, message):
+    done = subprocess.run([*TORCHRUN, *DDP_RUN, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and message in done.stdout + done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 # --- Weights & Biases -------------------------------------------------------------------
 
 needs_wandb = pytest.mark.skipif(

@@ -5,6 +5,7 @@ this same `main`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -26,6 +27,8 @@ from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.options import usable_cores
 from vae_lab.outcome import TaskOutcome, closing_block
+from vae_lab.distributed import finish as finish_distributed
+from vae_lab.distributed import prepare_arguments, writer
 from vae_lab.slurm import being_requeued, is_restart
 from vae_lab.validate import validate
 
@@ -87,12 +90,14 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
 def run_task(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
-    """Check the config, set torch's threads, run the task it names in `run_dir`, say where it went."""
+    """Check the config, set torch's threads, run the task it names in `run_dir`, say where it went
+    (under torchrun, rank 0 alone writes run.log and the closing block)."""
     validate(cfg)
-    with log_file(run_dir / "run.log"):
+    with log_file(run_dir / "run.log") if writer() else contextlib.nullcontext():
         set_threads(cfg.get("threads"))
         outcome = TASK_FUNCTIONS[cfg.task](cfg, run_dir)
-        log.info("%s", closing_block(outcome))
+        if writer():
+            log.info("%s", closing_block(outcome))
     return outcome
 
 
@@ -372,7 +377,7 @@ def main() -> None:
         print(message, file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     try:
-        sys.argv[1:] = resumed_arguments(sys.argv[1:])
+        sys.argv[1:] = prepare_arguments(resumed_arguments(sys.argv[1:]))  # torchrun: one run directory for all ranks
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
@@ -381,6 +386,7 @@ def main() -> None:
     with sigterm_as_keyboard_interrupt():
         try:
             hydra_main()
+            finish_distributed()
         except KeyboardInterrupt as interrupt:  # while Hydra starts or composes, or a launcher waits for its jobs
             number = signal_number(interrupt)
             sweep_dir = _sweep_in_progress()

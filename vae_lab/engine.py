@@ -36,6 +36,7 @@ def run_epoch(
     dynamic_binarization: bool = False,
     description: str = "",
     sync_every: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """Train (optimizer given) or evaluate (no optimizer) on all `images` (N, C, H, W).
 
@@ -44,6 +45,11 @@ def run_epoch(
     backpropagates its total. Training shuffles with `generator` and draws z from the
     global RNG; evaluation goes in order with fixed noise, so its result is a
     deterministic function of the weights. Returns the per-image means of loss, recon, kl.
+
+    shard=(rank, world) (torchrun, training only): every process walks the same batches and
+    trains on its share of each, images rank, rank + world, ...; the objective is then the
+    DistributedDataParallel step, which averages the gradients. A batch with fewer images
+    than processes is left out, and the means are over all processes' images.
     """
     training = optimizer is not None
     device = images.device
@@ -59,6 +65,9 @@ def run_epoch(
         noise = torch.randn(n, *objective.noise_shape(model.latent_dim), generator=cpu_generator).to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl, summed over images
     batches = list(index_batches(n, batch_size, generator=generator if training else None, device=device))
+    rank, world = shard if shard is not None and training else (0, 1)
+    if world > 1:
+        batches = [index[rank::world] for index in batches if len(index) >= world]
     bar = tqdm(batches, desc=description, leave=False, disable=None, dynamic_ncols=True, unit="batch")
     seen = 0
     with torch.set_grad_enabled(training), bar:  # the bar is closed (its line cleared) before any error is printed
@@ -75,9 +84,28 @@ def run_epoch(
             sums += torch.stack([t.detach().double() for t in terms]) * len(index)
             seen += len(index)
             if step % sync_every == 0 or step == len(batches):
-                mean_loss = sums[0].item() / seen
+                if world == 1:
+                    mean_loss = sums[0].item() / seen
+                else:  # every process sees the same mean, so all stop together on a non-finite loss
+                    total = _over_processes(torch.stack([sums[0], sums.new_tensor(float(seen))]), world)
+                    mean_loss = total[0].item() / total[1].item()
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(step, mean_loss)
                 bar.set_postfix(loss=f"{mean_loss:.2f}", refresh=False)
-    loss, recon, kl = (sums / n).tolist()
+    if world > 1:
+        seen_all = _over_processes(torch.tensor([float(seen)], dtype=sums.dtype, device=device), world).item()
+        loss, recon, kl = (_over_processes(sums, world) / seen_all).tolist()
+    else:
+        loss, recon, kl = (sums / n).tolist()
     return {"loss": loss, "recon": recon, "kl": kl}
+
+
+def _over_processes(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The sum over all processes of `values` (itself with one process)."""
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values)
+    return values

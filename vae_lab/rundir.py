@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from vae_lab.errors import USER_ERROR_EXIT, VaeLabError
 from vae_lab.files import NO_FOLLOW
 from vae_lab.layout import LOCK_FILE, RunLayout
+from vae_lab.distributed import writer
 from vae_lab.slurm import is_restart
 
 LAST_CHECKPOINT = RunLayout(Path()).last_checkpoint
@@ -209,6 +210,8 @@ class RunDirectoryGuard(Callback):
 
     @_fail_closed
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if not writer():
+            return  # torchrun: rank 0 claims the run directory all ranks share
         HydraConfig.instance().set_config(config)  # for ${hydra:...} in hydra.run.dir
         folder = Path(os.path.normpath(Path(str(config.hydra.run.dir)).expanduser().absolute()))
         if config.get("resume") is True and not (folder / LAST_CHECKPOINT).is_file():

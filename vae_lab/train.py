@@ -31,6 +31,7 @@ from vae_lab.objectives import Objective
 from vae_lab.options import EXPERIMENT_GROUPS
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
+from vae_lab.distributed import launched, rank, world_size, writer
 from vae_lab.slurm import is_restart
 from vae_lab.validate import attempt, declared_image_shape, dry_build
 
@@ -58,6 +59,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     """
     device = resolve_device(cfg.device)
     layout = RunLayout(run_dir)
+    main = writer()  # under torchrun rank 0 writes; the other processes compute their shards and read
     # resume=true, or a requeued SLURM job, continues the run in its folder from its last.pt; one that
     # never finished an epoch starts (from train.resume where it names a checkpoint, as the first start did).
     in_place = (cfg.get("resume") is True or is_restart()) and layout.last_checkpoint.is_file()
@@ -66,13 +68,14 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     else:
         if cfg.get("resume") is True or is_restart():
             _refuse_checkpoints_without_last(layout)
-        else:
+        elif main:
             _refuse_used_run_dir(run_dir)
         source = cfg.train.resume
         resumed = load_checkpoint(source) if source else None
     if resumed is not None:
         cfg = _config_for_resume(cfg, resumed, source, strict=in_place)
-        _record_what_runs(cfg, run_dir)
+        if main:
+            _record_what_runs(cfg, run_dir)
     finished = resumed is not None and in_place and resumed["epoch"] == cfg.train.epochs
     if finished and not (cfg.train.evaluate_at_end and not layout.report.is_file()):
         return _nothing_left(cfg, layout, resumed)
@@ -83,7 +86,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
             f"train.epochs={cfg.train.epochs}: the checkpoint {source} is already at epoch "
             f"{resumed['epoch']}. Set train.epochs above {resumed['epoch']} to continue training."
         )
-    if resumed is not None and in_place and layout.results.exists():
+    if resumed is not None and in_place and main and layout.results.exists():
         _keep_earlier_results(layout, resumed["epoch"])
 
     seed_everything(cfg.seed)
@@ -92,7 +95,9 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         from vae_lab.evaluate import check_evaluation_fits
 
         check_evaluation_fits(cfg, data)  # before the epochs, not after them
-    shuffle = torch.Generator().manual_seed(cfg.seed)
+    if launched():
+        step = data_parallel(cfg, data, model, objective, step, device)
+    shuffle = torch.Generator().manual_seed(cfg.seed)  # the same batches in every process
     history: list[dict] = []
     if resumed is not None:
         check_data_fits(resumed, data, source)
@@ -110,7 +115,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         log.warning("the training split holds %d images, fewer than train.batch_size=%d: each epoch is one batch of %d",
                     len(data.train_images), cfg.train.batch_size, len(data.train_images))
     config = plain_config(cfg)
-    logger = build(cfg.logger)(run_dir)
+    logger = build(cfg.logger)(run_dir) if main else NO_LOGGER
     logger.start(history, config)
     progress_images = data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row]
     saved_epoch = start_epoch
@@ -141,14 +146,15 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
                 history.append(row)
                 # The checkpoint first: after a kill between the two, metrics.csv is behind
                 # last.pt (and a resumed run rewrites it from the checkpoint), never ahead.
-                save_checkpoint(state(epoch), layout.last_checkpoint)
+                if main:
+                    save_checkpoint(state(epoch), layout.last_checkpoint)
                 saved_epoch = epoch
                 logger.log_epoch(row)
-                if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+                if main and (epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs):
                     save_checkpoint(state(epoch), layout.epoch_checkpoint(epoch))
-                if figures and (epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs):
+                if main and figures and (epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs):
                     _progress_images(model, progress_images, layout.progress, epoch, cfg, logger)
-            if figures:
+            if main and figures:
                 plots.loss_curves(history, layout.loss_curves)
         trained = True
     except NonFiniteLossError as error:
@@ -174,7 +180,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     log.info("done: test loss %.3f (recon %.3f, kl %.3f) after %d epochs", final["test_loss"], final["test_recon"], final["test_kl"], epoch)
     report = None
     try:  # the loggers stay open for the evaluation's report and figures, and close either way
-        if cfg.train.evaluate_at_end:
+        if cfg.train.evaluate_at_end and main:
             from vae_lab.evaluate import evaluate_model
 
             # The model in memory holds exactly the weights of last.pt (written above); a fresh
@@ -257,6 +263,7 @@ def _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle)
     trained = run_epoch(
         model, step, data.train_images, cfg.train.batch_size, optimizer=optimizer, generator=shuffle,
         dynamic_binarization=data.dynamic_binarization, description=f"epoch {epoch}/{cfg.train.epochs}",
+        shard=(rank(), world_size()) if launched() else None,
     )
     train_seconds = time.perf_counter() - started
     tested = run_epoch(model, step, data.test_images, cfg.evaluate.batch_size, description="test")
@@ -272,6 +279,60 @@ def _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle)
         **{f"test_{k}": v for k, v in tested.items()},
         "train_seconds": round(train_seconds, 4), "seconds": round(seconds, 4), "data": data.name,
     }
+
+
+def data_parallel(cfg: DictConfig, data: ImageData, model, objective: Objective, step, device):
+    """The training step under torchrun: the objective inside DistributedDataParallel, so that each
+    process's gradients are averaged over all; checked first against what cannot be split."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    world = world_size()
+    if cfg.train.batch_size < world or len(data.train_images) < world:
+        raise ConfigError(f"torchrun starts {world} processes, and train.batch_size={cfg.train.batch_size} with "
+                          f"{len(data.train_images)} training images cannot give each an image of every batch: raise "
+                          f"train.batch_size to at least {world}, or start fewer processes (--nproc_per_node).")
+    if objective.state_dict():
+        raise ConfigError(f"loss ({type(objective).__name__}) trains a network of its own, which vae_lab does not yet "
+                          "average across processes: train it in one process (without torchrun).")
+    if device.type == "cuda" and dist.get_backend() == "gloo":
+        raise ConfigError("device=cuda under torchrun needs NCCL, and this process group is gloo only: run on the CPU "
+                          "(device=cpu) or on a machine whose GPUs torch sees.")
+    torch.manual_seed(cfg.seed + rank())  # the same weights everywhere (built above), other latent noise per process
+
+    class ObjectiveOfModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, noise):
+            return step(self.model, x, noise)
+
+    parallel = DistributedDataParallel(ObjectiveOfModel(), device_ids=[device.index or 0] if device.type == "cuda" else None)
+    return _DataParallelStep(step, parallel)
+
+
+class _DataParallelStep:
+    """Called as the objective is, computed through DistributedDataParallel; the hooks are the objective's."""
+
+    def __init__(self, objective, parallel):
+        self.objective, self.parallel = objective, parallel
+
+    def __getattr__(self, name: str):
+        return getattr(self.objective, name)
+
+    def __call__(self, model, x, noise=None):
+        return self.parallel(x, noise)
+
+
+class _NoLogger:
+    """The loggers of a process that does not write (torchrun rank > 0)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+NO_LOGGER = _NoLogger()
 
 
 def _compiled(function, setting: bool | str):

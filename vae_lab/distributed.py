@@ -1,0 +1,76 @@
+"""Data-parallel training under torchrun: one model, N processes, one run directory.
+
+`torchrun --nproc_per_node=N run.py ...` starts N copies of the command with WORLD_SIZE,
+RANK, LOCAL_RANK and a rendezvous address in the environment. Before Hydra composes
+anything, `prepare_arguments` joins the process group (gloo on the CPU; NCCL besides it
+where there are GPUs) and gives every process the same run directory (rank 0's choice,
+broadcast), and the processes other than rank 0 neither write Hydra's record nor run.log.
+Training then splits each global batch of train.batch_size images into N shards, one
+per process, and DistributedDataParallel averages the gradients; every process holds the
+same weights after every step, and rank 0 alone writes checkpoints, metrics and figures.
+
+BatchNorm is not synchronised: each process normalises its shard with the shard's own
+statistics, and DistributedDataParallel copies rank 0's running statistics to the others
+at every step (its default), so the checkpoint's are rank 0's.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
+def rank() -> int:
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+def launched() -> bool:
+    """Started by torchrun (or any launcher that sets WORLD_SIZE > 1)."""
+    return world_size() > 1
+
+
+def writer() -> bool:
+    """This process writes the run directory: rank 0, or the only process."""
+    return rank() == 0
+
+
+def prepare_arguments(arguments: list[str]) -> list[str]:
+    """Join the process group and give every process the same run directory; rank > 0 writes no record."""
+    if not launched():
+        return arguments
+    import torch
+    import torch.distributed as dist
+
+    from vae_lab.errors import ConfigError
+
+    if any(a in ("-m", "--multirun") for a in arguments):
+        raise ConfigError("torchrun trains one model in several processes; it does not run sweeps. Start the sweep "
+                          "without torchrun, or run torchrun once per configuration.")
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    given = [a for a in arguments if a.split("=", 1)[0] == "hydra.run.dir"]
+    chosen = [None if given else datetime.datetime.now().strftime("outputs/%Y-%m-%d/%H-%M-%S-%f-ddp")]
+    dist.broadcast_object_list(chosen, src=0)
+    added = [] if given else [f"hydra.run.dir={chosen[0]}"]
+    if not writer():  # rank 0 writes Hydra's record and run.log; the others only compute
+        added += ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]", "hydra.job_logging.root.level=WARNING"]
+    return [*arguments, *added]
+
+
+def finish() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
