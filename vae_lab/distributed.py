@@ -35,6 +35,16 @@ def rank() -> int:
         return 0
 
 
+def device_of_process(device):
+    """cuda means this process's GPU under torchrun (cuda:LOCAL_RANK); anything else as it is."""
+    import torch
+
+    if launched() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))
+        torch.cuda.set_device(device)
+    return device
+
+
 def launched() -> bool:
     """Started by torchrun (or any launcher that sets WORLD_SIZE > 1)."""
     return world_size() > 1

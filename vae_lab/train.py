@@ -31,7 +31,7 @@ from vae_lab.objectives import Objective
 from vae_lab.options import EXPERIMENT_GROUPS
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
-from vae_lab.distributed import launched, rank, world_size, writer
+from vae_lab.distributed import device_of_process, launched, rank, world_size, writer
 from vae_lab.slurm import is_restart
 from vae_lab.validate import attempt, declared_image_shape, dry_build
 
@@ -57,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     loss (or, with train.return_metric=test_neg_elbo, the test -ELBO at alpha = 1, which
     compares across alphas).
     """
-    device = resolve_device(cfg.device)
+    device = device_of_process(resolve_device(cfg.device))
     layout = RunLayout(run_dir)
     main = writer()  # under torchrun rank 0 writes; the other processes compute their shards and read
     # resume=true, or a requeued SLURM job, continues the run in its folder from its last.pt; one that
