@@ -185,42 +185,52 @@ def test_a_requeued_slurm_job_continues_in_its_folder_to_the_weights_of_an_unint
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("slurm")
-def test_a_job_longer_than_its_time_limit_is_requeued_by_submitit_and_completes_in_one_folder(slurm_env, tmp_path):
+def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_completes_in_one_folder(slurm_env, tmp_path):
+    """SLURM warns a job of its time limit with USR2 (`--signal=USR2@signal_delay_s`, which the launcher sets);
+    here the same signal is sent with scancel after the first epochs, so the test does not hang on SLURM's
+    once-a-minute limit checks. submitit requeues the job, which continues where it stood."""
     sweep_dir = tmp_path / "sweep"
-    # A 1-minute limit, the USR2 warning 30 s before it: submitit requeues the job, which continues where it stood.
-    # 1,000 images x 80 epochs take about 40 s of training here: more than one 30-s allocation, on any machine.
-    run = ["threads=1", "data.limit=1000", "train.epochs=80", "train.checkpoint_every=100000", "train.plot_every=100000",
-           "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=10"]
+    run = ["threads=1", "train.epochs=60", "train.checkpoint_every=1000", "train.plot_every=1000", "model.latent_dim=3"]
     process = start_sweep(sweep_dir, run, slurm_env)
     try:
-        deadline = time.monotonic() + 400
-        while process.poll() is None and time.monotonic() < deadline:  # lift the local cluster's hold on requeued jobs
-            if (sweep_dir / "0" / ".hydra" / "hydra.yaml").is_file():
-                job = job_id(sweep_dir / "0")
-                if slurm(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], slurm_env).strip() == "PENDING":
-                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env, capture_output=True)
-            time.sleep(1)
-        out, err = process.communicate(timeout=30)
+        job = _requeue_after_first_epoch(sweep_dir / "0", slurm_env, how=["scancel", "--signal=USR2"])
+        out, err = process.communicate(timeout=400)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, err[-3000:]
     assert_complete(sweep_dir / "0")
     log = (sweep_dir / "0" / "run.log").read_text()
-    assert "being requeued by SLURM" in log and "resumed from" in log
-    epochs = [row["epoch"] for row in csv.DictReader((sweep_dir / "0" / "metrics.csv").open())]
-    assert epochs == [str(e) for e in range(1, 81)]
+    assert "Caught signal SIGUSR2" in log and "being requeued by SLURM" in log and "resumed from" in log
+    assert [row["epoch"] for row in csv.DictReader((sweep_dir / "0" / "metrics.csv").open())] == [str(e) for e in range(1, 61)]
 
 
-def _requeue_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:
-    """scontrol requeue the job of `job_dir` once it has trained an epoch, and lift the hold SLURM puts on a
-    requeued job (about two minutes on the local cluster) so that it restarts at once; return its id."""
+@pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
+def test_a_slurm_job_of_two_tasks_trains_one_model_data_parallel(slurm_env, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    run = ["threads=1", "data.limit=256", "train.epochs=3", "train.batch_size=64", "hydra.launcher.tasks_per_node=2"]
+    process = start_sweep(sweep_dir, run, slurm_env)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert_complete(sweep_dir / "0")
+    job = job_id(sweep_dir / "0")
+    logs = sorted(p.name for p in (sweep_dir / ".submitit" / job).glob("*_log.out"))
+    assert logs == [f"{job}_0_log.out", f"{job}_1_log.out"]  # two tasks ran
+    assert [row["epoch"] for row in csv.DictReader((sweep_dir / "0" / "metrics.csv").open())] == ["1", "2", "3"]
+    assert "data-parallel over 2 processes (gloo)" in (sweep_dir / "0" / "run.log").read_text()
+
+
+def _requeue_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240, how=("scontrol", "requeue")) -> str:
+    """Requeue the job of `job_dir` once it has trained an epoch (`how`: scontrol requeue, or the time limit's
+    USR2 to which submitit answers with a requeue), and lift the hold SLURM puts on a requeued job (about two
+    minutes on the local cluster) so that it restarts at once; return its id."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         metrics = job_dir / "metrics.csv"
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
             job = job_id(job_dir)
-            slurm(["scontrol", "requeue", job], env)
+            slurm([*how, job], env)
             while time.monotonic() < deadline:
                 state = slurm(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], env).strip()
                 if state == "PENDING":
@@ -422,6 +432,7 @@ def test_torchrun_trains_one_model_in_two_processes_into_one_run_directory(tmp_p
     assert len(list(tmp_path.rglob("metrics.csv"))) == 2 and not list(REPO.glob("outputs/*/*-ddp"))
     rows = {name: list(csv.DictReader((folder / "metrics.csv").open())) for name, folder in (("1", single), ("2", parallel))}
     assert [r["epoch"] for r in rows["2"]] == ["1", "2", "3"]
+    assert "data-parallel over 2 processes (gloo)" in (parallel / "run.log").read_text()
     for one, two in zip(rows["1"], rows["2"]):  # the same curve, within the noise of other latent samples
         assert float(two["test_loss"]) == pytest.approx(float(one["test_loss"]), rel=0.03)
     assert float(rows["2"][-1]["test_loss"]) < float(rows["2"][0]["test_loss"])

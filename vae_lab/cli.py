@@ -29,7 +29,7 @@ from vae_lab.options import usable_cores
 from vae_lab.outcome import TaskOutcome, closing_block
 from vae_lab.distributed import finish as finish_distributed
 from vae_lab.distributed import prepare_arguments, writer
-from vae_lab.slurm import being_requeued, is_restart
+from vae_lab.slurm import being_requeued, is_restart, requeued_by_submitit
 from vae_lab.validate import validate
 
 # Nothing here imports torch: a config error or `--help` answers in a fraction of a second.
@@ -241,9 +241,12 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
     of its own (SLURM, submitit, joblib, Ray) that gets a signal, e.g. `scancel` of that
     one job, is recorded as interrupted and returns: the other jobs go on.
     """
-    kept = _kept_on_resume(cfg, run_dir)
+    kept = _kept_on_resume(cfg, run_dir)  # read only: every task of a job decides alike
     if kept is not None:
         return kept
+    if not writer():  # another task of a multi-task SLURM job: it trains its shards, task 0 keeps the books
+        logging.getLogger("vae_lab").setLevel(logging.WARNING)
+        return run_task(cfg, run_dir).value
     started = time.perf_counter()
     status = {"status": "completed", "error": ""}
     value, interrupted = math.nan, None
@@ -261,8 +264,8 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
         if getattr(error, "exit_code", 0) > 128:  # training stopped by a signal, its checkpoint saved
             interrupted, status["status"] = error.exit_code - 128, "interrupted"
             requeued = being_requeued()
-    except SystemExit:  # submitit's handler of the preemption / time-limit signal, once it has requeued the job
-        requeued = being_requeued()
+    except SystemExit as stop:  # submitit's handler of the preemption / time-limit signal, once it has requeued the job
+        requeued = requeued_by_submitit(stop) or being_requeued()
         status = {"status": "requeued" if requeued else "interrupted", "error": "stopped by the SLURM job's own signal handler"}
         raise
     except Exception as error:  # a bug: keep its traceback in run.log, and the sweep going

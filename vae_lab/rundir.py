@@ -238,8 +238,8 @@ class RunDirectoryGuard(Callback):
 
     @_fail_closed
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            return  # the run directory was claimed in on_run_start
+        if HydraConfig.get().mode != RunMode.MULTIRUN or not writer():
+            return  # the run directory was claimed in on_run_start; a SLURM job's task 0 claims the job's
         # Hydra has just written this job's .hydra/ and run.log here; anything else is another job's.
         self._claim("job", Path(config.hydra.runtime.output_dir), "job directory",
                     None if _resuming(config) else lambda: run_record(config))

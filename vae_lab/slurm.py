@@ -45,3 +45,10 @@ def being_requeued() -> bool:
         return False
     found = re.search(r"\bRestarts=(\d+)", shown)
     return found is not None and int(found.group(1)) > restart_count()
+
+
+def requeued_by_submitit(stop: SystemExit) -> bool:
+    """submitit's answer to the preemption / time-limit signal (USR2) in a SLURM job: it requeues the
+    job, then exits with -1 (it raises UncompletedJobError instead where it cannot requeue). The
+    controller may count the restart only a moment later, so this is not left to being_requeued."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and stop.code == -1

@@ -31,7 +31,7 @@ from vae_lab.objectives import Objective
 from vae_lab.options import EXPERIMENT_GROUPS
 from vae_lab.outcome import TaskOutcome, training_outcome
 from vae_lab.runtime import build, build_vae, resolve_device, seed_everything
-from vae_lab.distributed import device_of_process, launched, rank, world_size, writer
+from vae_lab.distributed import device_of_process, join, launched, rank, world_size, writer
 from vae_lab.slurm import is_restart
 from vae_lab.validate import attempt, declared_image_shape, dry_build
 
@@ -57,6 +57,8 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     loss (or, with train.return_metric=test_neg_elbo, the test -ELBO at alpha = 1, which
     compares across alphas).
     """
+    if launched():
+        join()  # torchrun joined before Hydra started; a SLURM job's tasks join here
     device = device_of_process(resolve_device(cfg.device))
     layout = RunLayout(run_dir)
     main = writer()  # under torchrun rank 0 writes; the other processes compute their shards and read
@@ -299,6 +301,8 @@ def data_parallel(cfg: DictConfig, data: ImageData, model, objective: Objective,
         raise ConfigError("device=cuda under torchrun needs NCCL, and this process group is gloo only: run on the CPU "
                           "(device=cpu) or on a machine whose GPUs torch sees.")
     torch.manual_seed(cfg.seed + rank())  # the same weights everywhere (built above), other latent noise per process
+    log.info("data-parallel over %d processes (%s): each trains on %d of every %d images", world, dist.get_backend(),
+             cfg.train.batch_size // world, cfg.train.batch_size)
 
     class ObjectiveOfModel(torch.nn.Module):
         def __init__(self):
