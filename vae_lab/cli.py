@@ -436,7 +436,16 @@ def resumed_arguments(arguments: list[str]) -> list[str]:
             key = _override_key(disagree[0])
             raise ConfigError(f"resume=true: {folder} is the sweep {' '.join(task)}; {ours[key]} disagrees with its {disagree[0]}. "
                               "Leave the sweep's overrides out (they are read from the folder) or repeat them as recorded.")
-    kept = [a for a in hydra if _override_key(a) not in NOT_REPEATED and _override_key(a) not in ours]
+    hydra = [a for a in hydra if _override_key(a) not in NOT_REPEATED]
+    untrusted = next((a for a in (*task, *hydra) if _grants_trust(_override_key(a), a in hydra) and _override_key(a) not in ours), None)
+    if untrusted is not None:
+        key = _override_key(untrusted)
+        raise ConfigError(
+            f"resume=true: {folder}'s record holds {untrusted}, which decides what code runs; vae_lab takes that only from "
+            f"the command line, never from a folder (anyone who can write there could have put it). Repeat {key}=... "
+            "on this command line if it is yours."
+        )
+    kept = [a for a in hydra if _override_key(a) not in ours]
     # After this command's own (so its flags come first, as Hydra's parser wants); none of them repeats a key given here.
     return [*arguments, *kept, *(a for a in task if _override_key(a) not in ours)]
 
@@ -448,6 +457,29 @@ def _restore_record() -> None:
     for path, content in _RECORD_BEFORE_RESUME.items():
         write_atomic(path, content)
     _RECORD_BEFORE_RESUME.clear()
+
+
+# Recorded overrides that decide what code runs: which modules are trusted, which classes are built, which
+# Hydra callbacks and logging handlers are instantiated. A resume takes these from its own command line only.
+TRUST_KEYS = ("trusted_modules", "hydra.callbacks", "hydra/callbacks", "hydra.job_logging", "hydra/job_logging",
+              "hydra.hydra_logging", "hydra/hydra_logging", "hydra.searchpath")
+BUILD_KEYWORDS = ("_target_", "_args_", "_partial_", "_recursive_", "_convert_")
+
+
+# The Hydra settings a record may carry into a resume: the launcher and sweeper chosen, and the resources a
+# job asks for. The others (a launcher's setup commands, its python, srun arguments, ...) can run code.
+RECORDED_HYDRA_KEYS = ("hydra/launcher", "hydra/sweeper", *(f"hydra.launcher.{key}" for key in (
+    "partition", "account", "qos", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes",
+    "tasks_per_node", "array_parallelism", "n_jobs", "signal_delay_s", "max_num_timeout")))
+
+
+def _grants_trust(key: str, hydra: bool = False) -> bool:
+    """Whether a recorded override decides what code runs (so only this command line may set it)."""
+    if hydra and key not in RECORDED_HYDRA_KEYS:
+        return True
+    parts = key.replace("/", ".").split(".")
+    return any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in TRUST_KEYS) or any(
+        part in BUILD_KEYWORDS for part in parts)
 
 
 def _recorded_overrides(folder: Path, sweep: bool, setting: str) -> tuple[list[str], list[str]]:
