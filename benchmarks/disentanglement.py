@@ -33,6 +33,7 @@ def main() -> None:
     import sklearn
 
     from vae_lab.data.shapes import make_shapes
+    from table import print_row
     from vae_lab.disentanglement import disentanglement_report
 
     data = make_shapes(train_size=1, test_size=args.codes, image_size=8, preset="dsprites")
@@ -51,12 +52,7 @@ def main() -> None:
            f"{seconds['factor_vae_score']:.1f} s | {total:.1f} s | {platform.machine()}, {os.cpu_count()} cores, "
            f"{args.threads} thread(s), scikit-learn {sklearn.__version__} |")
     print(scores)
-    print("| codes | MIG | DCI | SAP | FactorVAE score | all (with the MI matrix) | machine |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    print(row)
-    if args.out:
-        with args.out.open("a") as file:
-            file.write(row + "\n")
+    print_row(["codes", "MIG", "DCI", "SAP", "FactorVAE score", "all (with the MI matrix)", "machine"], row, args.out, numeric=5)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
+    from table import print_row
     from vae_lab.data.folder import load_image_folder
     from vae_lab.data.shapes import SHAPES, make_shapes
 
@@ -57,12 +58,7 @@ def main() -> None:
     row = (f"| {args.count:,} PNG files, 3 x 32 x 32 ({size / 2**20:.0f} MiB) | {decode:.1f} s | {cached:.1f} s | "
            f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} |")
     print(f"wrote {args.count:,} PNGs in {written:.1f} s")
-    print("| files | first load (decode + cache) | second load (cache) | machine |")
-    print("|---|---:|---:|---|")
-    print(row)
-    if args.out:
-        with args.out.open("a") as file:
-            file.write(row + "\n")
+    print_row(["files", "first load (decode + cache)", "second load (cache)", "machine"], row, args.out, numeric=2)
 
 
 if __name__ == "__main__":

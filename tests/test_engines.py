@@ -97,6 +97,18 @@ def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> subprocess.
     )
 
 
+def sweep_while(sweep_dir: Path, overrides: list[str], env: dict, during, timeout: float):
+    """Run a SLURM sweep, call `during()` while it runs, and wait for it: (returncode, stdout, stderr, what during returned)."""
+    process = start_sweep(sweep_dir, overrides, env)
+    try:
+        done = during()
+        out, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, out, err, done
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("slurm")  # one local cluster: its tests share one worker
 def test_a_sweep_runs_as_slurm_jobs_and_sacct_records_them(slurm_env, tmp_path):
@@ -128,14 +140,9 @@ def test_a_failed_and_a_cancelled_slurm_job_are_reported_and_the_others_finish(s
     sweep_dir = tmp_path / "sweep"
     # latent_dim=0 fails its config check; latent_dim=3 is cancelled with scancel after its first epoch.
     long = ["train.epochs=150", "train.checkpoint_every=1000", "train.plot_every=1000"]
-    process = start_sweep(sweep_dir, ["model.latent_dim=0,2,3", *long], slurm_env)
-    try:
-        cancelled = _cancel_after_first_epoch(sweep_dir / "2", slurm_env)
-        out, err = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 1, err[-3000:]
+    returncode, out, err, cancelled = sweep_while(
+        sweep_dir, ["model.latent_dim=0,2,3", *long], slurm_env, lambda: _cancel_after_first_epoch(sweep_dir / "2", slurm_env), 300)
+    assert returncode == 1, err[-3000:]
 
     rows = {row["model.latent_dim"]: row for row in read_summary(sweep_dir)}
     assert rows["0"]["status"] == "failed" and "model.latent_dim=0 is not allowed" in rows["0"]["error"]
@@ -159,14 +166,8 @@ def test_a_requeued_slurm_job_continues_in_its_folder_to_the_weights_of_an_unint
 
     sweep_dir, straight = tmp_path / "sweep", tmp_path / "straight"
     run = ["threads=1", "train.epochs=60", "train.checkpoint_every=1000", "train.plot_every=1000", "model.latent_dim=3"]
-    process = start_sweep(sweep_dir, run, slurm_env)
-    try:
-        job = _requeue_after_first_epoch(sweep_dir / "0", slurm_env)
-        out, err = process.communicate(timeout=400)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, err[-3000:]
+    returncode, out, err, job = sweep_while(sweep_dir, run, slurm_env, lambda: _requeue_after_first_epoch(sweep_dir / "0", slurm_env), 400)
+    assert returncode == 0, err[-3000:]
     deadline = time.monotonic() + 60  # the accounting records the end a moment after the job has ended
     while accounted_states([job], slurm_env)[job] != "COMPLETED" and time.monotonic() < deadline:
         time.sleep(1)
@@ -191,14 +192,9 @@ def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_completes_in_one_fo
     once-a-minute limit checks. submitit requeues the job, which continues where it stood."""
     sweep_dir = tmp_path / "sweep"
     run = ["threads=1", "train.epochs=60", "train.checkpoint_every=1000", "train.plot_every=1000", "model.latent_dim=3"]
-    process = start_sweep(sweep_dir, run, slurm_env)
-    try:
-        job = _requeue_after_first_epoch(sweep_dir / "0", slurm_env, how=["scancel", "--signal=USR2"])
-        out, err = process.communicate(timeout=400)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, err[-3000:]
+    returncode, out, err, _ = sweep_while(
+        sweep_dir, run, slurm_env, lambda: _requeue_after_first_epoch(sweep_dir / "0", slurm_env, how=["scancel", "--signal=USR2"]), 400)
+    assert returncode == 0, err[-3000:]
     assert_complete(sweep_dir / "0")
     log = (sweep_dir / "0" / "run.log").read_text()
     assert "Caught signal SIGUSR2" in log and "being requeued by SLURM" in log and "resumed from" in log
@@ -210,9 +206,8 @@ def test_a_job_at_its_time_limit_is_requeued_by_submitit_and_completes_in_one_fo
 def test_a_slurm_job_of_two_tasks_trains_one_model_data_parallel(slurm_env, tmp_path):
     sweep_dir = tmp_path / "sweep"
     run = ["threads=1", "data.limit=256", "train.epochs=3", "train.batch_size=64", "hydra.launcher.tasks_per_node=2"]
-    process = start_sweep(sweep_dir, run, slurm_env)
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
+    returncode, out, err, _ = sweep_while(sweep_dir, run, slurm_env, lambda: None, 300)
+    assert returncode == 0, err[-3000:]
     assert_complete(sweep_dir / "0")
     job = job_id(sweep_dir / "0")
     logs = sorted(p.name for p in (sweep_dir / ".submitit" / job).glob("*_log.out"))
@@ -226,32 +221,32 @@ def _requeue_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240, h
     USR2 to which submitit answers with a requeue), and lift the hold SLURM puts on a requeued job (about two
     minutes on the local cluster) so that it restarts at once; return its id."""
     deadline = time.monotonic() + timeout
+    job = _after_first_epoch(job_dir, env, deadline)
+    slurm([*how, job], env)
     while time.monotonic() < deadline:
-        metrics = job_dir / "metrics.csv"
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            job = job_id(job_dir)
-            slurm([*how, job], env)
-            while time.monotonic() < deadline:
-                state = slurm(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], env).strip()
-                if state == "PENDING":
-                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
-                elif state == "RUNNING" and "Restarts=1" in slurm(["scontrol", "show", "job", job], env):
-                    return job
-                time.sleep(0.5)
-        time.sleep(0.2)
+        state = slurm(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], env).strip()
+        if state == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        elif state == "RUNNING" and "Restarts=1" in slurm(["scontrol", "show", "job", job], env):
+            return job
+        time.sleep(0.5)
     raise AssertionError(f"{job_dir} was not requeued and restarted in {timeout} s")
 
 
 def _cancel_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240) -> str:
     """scancel the job of `job_dir` once its metrics.csv has an epoch; return its id."""
-    deadline = time.monotonic() + timeout
+    job = _after_first_epoch(job_dir, env, time.monotonic() + timeout)
+    assert slurm(["squeue", "--noheader", "--array", f"--jobs={job}", "--format=%T"], env).strip() == "RUNNING"
+    slurm(["scancel", job], env)
+    return job
+
+
+def _after_first_epoch(job_dir: Path, env: dict, deadline: float) -> str:
+    """The SLURM id of the job of `job_dir`, once its metrics.csv has an epoch."""
     while time.monotonic() < deadline:
         metrics = job_dir / "metrics.csv"
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            job = job_id(job_dir)
-            assert slurm(["squeue", "--noheader", "--array", f"--jobs={job}", "--format=%T"], env).strip() == "RUNNING"
-            slurm(["scancel", job], env)
-            return job
+            return job_id(job_dir)
         time.sleep(0.2)
     raise AssertionError(f"{job_dir} never started an epoch")
 

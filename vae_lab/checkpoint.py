@@ -587,16 +587,8 @@ def load_objective_state(objective, state: dict, path: str | Path) -> None:
         holder = getattr(objective, key, None)
         if problem is None and isinstance(holder, torch.optim.Optimizer):
             problem = _optimizer_state_mismatch(holder, saved[key].get("state"))
-    if problem is None:
-        try:
-            objective.load_state_dict(saved)
-        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
-            problem = f"objective state ({first_line(error)})"
-    if problem:
-        raise CheckpointError(
-            f"cannot use {path}: its {problem} does not fit the objective its config describes ({type(objective).__name__}). "
-            "The file was altered or written by another program; use another checkpoint."
-        )
+    _load_if_fits(problem, lambda: objective.load_state_dict(saved), "objective state",
+                  f"cannot use {path}", f"the objective its config describes ({type(objective).__name__})")
 
 
 def restore_training_state(optimizer: torch.optim.Optimizer, scheduler, state: dict, path: str | Path) -> None:
@@ -612,17 +604,25 @@ def restore_training_state(optimizer: torch.optim.Optimizer, scheduler, state: d
         or _optimizer_state_mismatch(optimizer, saved_optimizer.get("state"))
         or _kind_mismatch(scheduler.state_dict(), saved_scheduler, "scheduler state")
     )
+
+    def load() -> None:
+        optimizer.load_state_dict(saved_optimizer)
+        scheduler.load_state_dict(saved_scheduler)
+
+    _load_if_fits(problem, load, "optimizer or scheduler state", f"cannot resume from {path}",
+                  "the optimizer and scheduler its config describes")
+
+
+def _load_if_fits(problem: str | None, load, what: str, cannot: str, described: str) -> None:
+    """`load()` where the kind check found no `problem`; else, or if torch refuses, one line naming what does not fit."""
     if problem is None:
         try:
-            optimizer.load_state_dict(saved_optimizer)
-            scheduler.load_state_dict(saved_scheduler)
+            load()
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as error:
-            problem = f"optimizer or scheduler state ({first_line(error)})"
+            problem = f"{what} ({first_line(error)})"
     if problem:
-        raise CheckpointError(
-            f"cannot resume from {path}: its {problem} does not fit the optimizer and scheduler its config describes. "
-            "The file was altered or written by another program; use another checkpoint."
-        )
+        raise CheckpointError(f"{cannot}: its {problem} does not fit {described}. "
+                              "The file was altered or written by another program; use another checkpoint.")
 
 
 def _kind_mismatch(fresh, saved, where: str) -> str | None:

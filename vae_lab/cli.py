@@ -265,8 +265,8 @@ def _sweep_job(cfg: DictConfig, run_dir: Path, sweep_dir: Path) -> float:
             interrupted, status["status"] = error.exit_code - 128, "interrupted"
             requeued = being_requeued()
     except SystemExit as stop:  # submitit's handler of the preemption / time-limit signal, once it has requeued the job
-        requeued = requeued_by_submitit(stop) or being_requeued()
-        status = {"status": "requeued" if requeued else "interrupted", "error": "stopped by the SLURM job's own signal handler"}
+        requeued = requeued_by_submitit(stop) or being_requeued()  # the `finally` below records a requeue
+        status = {"status": "interrupted", "error": "stopped by the SLURM job's own signal handler"}
         raise
     except Exception as error:  # a bug: keep its traceback in run.log, and the sweep going
         log.exception("job failed")

@@ -92,9 +92,9 @@ def run_epoch(
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(step, mean_loss)
                 bar.set_postfix(loss=f"{mean_loss:.2f}", refresh=False)
-    if world > 1:
-        seen_all = _over_processes(torch.tensor([float(seen)], dtype=sums.dtype, device=device), world).item()
-        loss, recon, kl = (_over_processes(sums, world) / seen_all).tolist()
+    if world > 1:  # one exchange: the three sums and the images they are over
+        *totals, seen_all = _over_processes(torch.cat([sums, sums.new_tensor([float(seen)])]), world).tolist()
+        loss, recon, kl = (total / seen_all for total in totals)
     else:
         loss, recon, kl = (sums / n).tolist()
     return {"loss": loss, "recon": recon, "kl": kl}

@@ -237,26 +237,31 @@ def kl_warmup(epoch: int, warmup_epochs: int) -> float:
     return 1.0 if warmup_epochs <= 0 else min(1.0, (epoch - 1) / warmup_epochs)
 
 
-class _AcceleratedStep:
-    """An objective under bfloat16 autocast and/or torch.compile, called as the objective is."""
+class _Step:
+    """An objective computed another way, called as the objective is; noise_shape and the loop's hooks
+    are the objective's own."""
 
-    def __init__(self, objective: Objective, device: torch.device, amp: bool, compile: bool | str):
-        self.objective = objective
-        call = objective.__call__
-        if amp:
-            call = torch.autocast(device.type, dtype=torch.bfloat16)(call)
-        self._call = _compiled(call, compile)
+    def __init__(self, objective, call):
+        self.objective, self._call = objective, call
 
-    def __getattr__(self, name: str):  # noise_shape and the loop's hooks are the objective's own
+    def __getattr__(self, name: str):
         return getattr(self.objective, name)
 
     def __call__(self, model, x, noise=None):
         return self._call(model, x, noise)
 
 
+def _accelerated_step(objective: Objective, device: torch.device, amp: bool, compile: bool | str) -> _Step:
+    """An objective under bfloat16 autocast and/or torch.compile."""
+    call = objective.__call__
+    if amp:
+        call = torch.autocast(device.type, dtype=torch.bfloat16)(call)
+    return _Step(objective, _compiled(call, compile))
+
+
 def accelerated(objective: Objective, device: torch.device, *, amp: bool, compile: bool | str):
     """The objective itself, or wrapped for train.amp / train.compile."""
-    return _AcceleratedStep(objective, device, amp, compile) if amp or compile is not False else objective
+    return _accelerated_step(objective, device, amp, compile) if amp or compile is not False else objective
 
 
 def _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle) -> dict:
@@ -313,20 +318,7 @@ def data_parallel(cfg: DictConfig, data: ImageData, model, objective: Objective,
             return step(self.model, x, noise)
 
     parallel = DistributedDataParallel(ObjectiveOfModel(), device_ids=[device.index or 0] if device.type == "cuda" else None)
-    return _DataParallelStep(step, parallel)
-
-
-class _DataParallelStep:
-    """Called as the objective is, computed through DistributedDataParallel; the hooks are the objective's."""
-
-    def __init__(self, objective, parallel):
-        self.objective, self.parallel = objective, parallel
-
-    def __getattr__(self, name: str):
-        return getattr(self.objective, name)
-
-    def __call__(self, model, x, noise=None):
-        return self.parallel(x, noise)
+    return _Step(step, lambda model, x, noise: parallel(x, noise))
 
 
 class _NoLogger:
