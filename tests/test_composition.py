@@ -66,6 +66,56 @@ def test_every_combination_trains_resumes_bit_exactly_and_evaluates(tmp_path, pr
     assert report["neg_elbo"] == pytest.approx(last["test_recon"] + last["test_kl"], abs=1e-4, rel=1e-6)  # warm-up or not
 
 
+# The posterior group and the hierarchical model against every prior and objective that can take them:
+# the fast tier keeps one of each kind of new learned state (an IAF, a planar flow, an MLP and a conv hierarchy).
+DEEPER = {"iaf": ["posterior=iaf", "posterior.hidden=8"], "planar": ["posterior=planar", "posterior.steps=2"],
+          "hvae": ["model=hvae", "model.lower_dims=[2]", "model.hidden_layers=1"],
+          "hvae_conv": ["model=hvae", "model.layers=3", "model.backbone=conv", "model.channels=4", "model.hidden_layers=1"]}
+DEEPER_FAST = {("iaf", "vamp", "iwae"), ("planar", "mog", "elbo"), ("hvae", "vamp", "elbo"), ("hvae_conv", "normal", "iwae")}
+DEEPER_COMBINATIONS = [
+    pytest.param(kind, p, o, marks=() if (kind, p, o) in DEEPER_FAST else pytest.mark.slow, id=f"{kind}-{p}-{o}")
+    for kind in DEEPER for p in PRIORS for o in [*OBJECTIVES, *(["factor_vae", "dip_vae"] if p == "normal" else [])]
+]
+
+
+@pytest.mark.parametrize("kind, prior, objective", DEEPER_COMBINATIONS)
+def test_every_posterior_and_hierarchy_trains_resumes_bit_exactly_and_evaluates(tmp_path, kind, prior, objective):
+    extra = [*DEEPER[kind], "train.kl_warmup_epochs=2", "loss.free_bits=0.1" if objective == "elbo" else "seed=0"]
+    if kind.startswith("hvae"):  # replaces SMALL's model=mlp_vae (one value per group)
+        extra = [*extra, "model.hidden_dim=16"]
+    cfg = lambda *more: _deeper(prior, objective, extra, *more)  # noqa: E731
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    run_task(cfg("train.epochs=2"), straight)
+    run_task(cfg("train.epochs=1"), first)
+    run_task(compose_config(*SMALL[3:5], "train.epochs=2", f"train.resume={first / 'checkpoints' / 'last.pt'}"), resumed)
+    expected = weights(straight)
+    assert set(expected) == set(weights(resumed)) and any(k.startswith(("posterior_flow.", "top_down")) for k in expected)
+    for key, tensor in weights(resumed).items():
+        assert torch.equal(tensor, expected[key]), key
+    run_task(compose_config("task=evaluate", f"evaluate.checkpoint={resumed}", "evaluate.samplers=[prior,gmm]",
+                            "evaluate.sample_metrics=false", "evaluate.iw_samples=3", "evaluate.batch_size=32"), tmp_path / "evaluated")
+    report = json.loads((tmp_path / "evaluated" / "results" / "metrics.json").read_text())
+    last = load_checkpoint(resumed / "checkpoints" / "last.pt")["history"][-1]
+    assert report["neg_elbo"] == pytest.approx(last["test_recon"] + last["test_kl"], abs=1e-4, rel=1e-6)
+    assert report["iw_nll"] <= report["neg_elbo"] + 1.0  # k = 3 samples: at most a little above the ELBO by chance
+    if kind.startswith("hvae"):
+        layers = report["layer_sizes"]
+        assert len(layers) == len(report["kl_per_layer"]) == len(report["active_units_per_layer"]) == (3 if kind == "hvae_conv" else 2)
+        assert sum(report["kl_per_layer"]) == pytest.approx(report["kl"], rel=0.5)  # one draw each: the same quantity
+    else:
+        assert report["posterior"] == {"iaf": "IAF", "planar": "Planar"}[kind] and report["kl_per_dimension"] is None
+
+
+def _deeper(prior, objective, extra, *more):
+    overrides = [f"prior={prior}", f"loss={objective}", *SMALL, *extra, *more]
+    if any(o.startswith("model=") for o in extra):
+        overrides.remove("model=mlp_vae")
+    for setting, needed in (("prior.components=3", prior != "normal"), ("loss.k=3", objective == "iwae")):
+        if not needed and setting in overrides:
+            overrides.remove(setting)
+    return compose_config(*overrides)
+
+
 @pytest.mark.parametrize("prior, objective, likelihood", [
     ("vamp", "iwae", "gaussian"), ("mog", "elbo", "continuous_bernoulli"), ("normal", "elbo", "mse"),
 ])
@@ -196,11 +246,11 @@ def test_a_checkpoint_naming_an_untrusted_module_is_refused_before_anything_is_i
         run_task(compose_config("task=evaluate", f"evaluate.checkpoint={forged}"), tmp_path / "eval2")
 
 
-def test_an_old_checkpoint_without_a_prior_still_evaluates_and_resumes(tmp_path):
+def test_an_old_checkpoint_without_a_prior_or_posterior_still_evaluates_and_resumes(tmp_path):
     run = tmp_path / "run"
     run_task(compose_config("data.limit=32", "train.epochs=1"), run)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    config = {key: value for key, value in state["config"].items() if key != "prior"}
+    config = {key: value for key, value in state["config"].items() if key not in ("prior", "posterior")}
     config["loss"] = {"_target_": "vae_lab.loss.VAELoss", "reconstruction": "bce", "alpha": 0.1}
     config["train"] = {key: value for key, value in config["train"].items() if key != "kl_warmup_epochs"}
     old = tmp_path / "old.pt"

@@ -47,8 +47,10 @@ def test_defaults_equal_the_reference_config():
 @pytest.mark.parametrize("prior", options("prior"))
 def test_model_and_prior_options_build(make_cfg, option, prior):
     cfg = make_cfg(f"model={option}", f"prior={prior}", "model.latent_dim=2")
-    model, objective = build_vae(cfg.model, cfg.prior, cfg.loss, (1, 28, 28))
-    assert isinstance(model, VAE) and model.latent_dim == 2 and isinstance(model.prior, Prior)
+    model, objective = build_vae(cfg.model, cfg.prior, cfg.loss, (1, 28, 28), cfg.posterior)
+    # model.latent_dim is the prior's (a hierarchical model's top layer); the code z spans every layer
+    assert isinstance(model, VAE) and model.layer_sizes[-1] == 2 and isinstance(model.prior, Prior)
+    assert model.latent_dim == sum(model.layer_sizes) and model.sample_prior(3).shape == (3, model.latent_dim)
     assert model(torch.rand(2, 1, 28, 28))[0].shape == (2, 1, 28, 28)
     assert model.likelihood is objective.likelihood
 

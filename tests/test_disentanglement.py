@@ -117,7 +117,7 @@ def test_beta_tcvae_at_unit_weights_is_the_elbo():
     x = torch.rand(32, 1, 6, 6).bernoulli()
     noise = torch.randn(32, 3)
     terms = objective(model, x, noise)
-    mu, logvar = model.posterior(x)
+    mu, logvar = model.encode(x)
     z = mu + torch.exp(0.5 * logvar) * noise
     monte_carlo = (log_diagonal_normal(z, mu, logvar) - model.prior_log_prob(z)).mean()
     assert terms.total.item() == pytest.approx((terms.recon + monte_carlo).item(), rel=1e-6)  # at the same z: exactly
@@ -128,7 +128,7 @@ def test_beta_tcvae_at_unit_weights_is_the_elbo():
 
 def _elbo_expectation(model, x):
     """E_q[-log p(x|z)] + closed-form KL, the expectation over 2,000 z of the reconstruction."""
-    mu, logvar = model.posterior(x)
+    mu, logvar = model.encode(x)
     recon = torch.stack([-model.likelihood.log_prob(x, model.decode(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))).mean()
                          for _ in range(2000)]).mean()
     return (recon + model.prior.kl(mu, logvar).sum(-1).mean()).item()

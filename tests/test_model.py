@@ -46,7 +46,7 @@ def test_shapes(model_class, latent_dim):
 def test_models_take_the_image_shape_from_the_data(model_class, image_shape):
     model = model_class(latent_dim=3, image_shape=image_shape).eval()
     x = torch.rand(2, *image_shape)
-    assert model.posterior(x)[0].shape == (2, 3)
+    assert model.encode(x)[0].shape == (2, 3)
     assert model.decode(torch.randn(2, 3)).shape == (2, *image_shape)
     assert model.reconstruct(x).shape == x.shape
 
@@ -93,17 +93,17 @@ def test_the_vampprior_neither_uses_nor_moves_the_encoders_batch_statistics():
     model = ConvVAE(latent_dim=4, prior=VampPrior(4, components=5))
     model.train()
     x = torch.rand(8, 1, 28, 28)
-    model.posterior(x)  # one training batch: the running statistics move from their start
+    model.encode(x)  # one training batch: the running statistics move from their start
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms, "the reference ConvVAE has BatchNorm layers"
     before = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]
-    means, logvars, _ = model.prior.components_of(model.posterior)
+    means, logvars, _ = model.prior.components_of(model.top_gaussian)
     after = [(m.running_mean, m.running_var, int(m.num_batches_tracked)) for m in norms]
     for (mean0, var0, n0), (mean1, var1, n1) in zip(before, after):
         assert torch.equal(mean0, mean1) and torch.equal(var0, var1) and n0 == n1
     assert all(m.training for m in norms)  # the model is left in training mode
     model.eval()  # the pseudo-inputs were encoded as evaluation encodes an image: running statistics
-    expected, _ = model.posterior(torch.sigmoid(model.prior.pseudo_inputs))
+    expected, _ = model.encode(torch.sigmoid(model.prior.pseudo_inputs))
     assert torch.allclose(means, expected, atol=1e-6)
     model.train()
     means.sum().backward()  # and the pseudo-inputs still learn

@@ -67,8 +67,9 @@ STALE_AFTER_SECONDS = 5.0
 # Hydra's instantiate keywords other than _target_ and _partial_: vae_lab never writes
 # them, and each changes what building a node does.
 INSTANTIATE_KEYWORDS = ("_args_", "_recursive_", "_convert_")
-DEFAULT_PRIOR = {"_target_": "vae_lab.priors.NormalPrior"}  # checkpoints from before priors existed
-REQUIRED_GROUPS = tuple(group for group in EXPERIMENT_GROUPS if group != "prior")
+# What a checkpoint written before a group existed built without it: the N(0, I) prior, the diagonal posterior.
+DEFAULT_GROUPS = {"prior": {"_target_": "vae_lab.priors.NormalPrior"}, "posterior": {"_target_": "vae_lab.posteriors.Diagonal"}}
+REQUIRED_GROUPS = tuple(group for group in EXPERIMENT_GROUPS if group not in DEFAULT_GROUPS)
 # The parts of a checkpoint's config vae_lab ever reads; the rest (logger, evaluate, ...) is dropped.
 READ_FROM_CHECKPOINT = (*EXPERIMENT_GROUPS, "train", "seed")
 
@@ -366,10 +367,10 @@ def saved_config(state: dict, path: str | Path, trusted_modules=()) -> DictConfi
     """
     config = _resolved_plain_config(state, path)
     _check_target_placement(config, path)
-    problem = untrusted_target({key: config.get(key) for key in EXPERIMENT_GROUPS}, trusted_modules, optional=("prior",))
+    problem = untrusted_target({key: config.get(key) for key in EXPERIMENT_GROUPS}, trusted_modules, optional=tuple(DEFAULT_GROUPS))
     if problem:
         raise CheckpointError(f"refused {path}: its config builds something vae_lab does not trust: {problem}.")
-    config = {"prior": DEFAULT_PRIOR, **{key: config[key] for key in READ_FROM_CHECKPOINT if key in config}}
+    config = {**DEFAULT_GROUPS, **{key: config[key] for key in READ_FROM_CHECKPOINT if key in config}}
     saved = OmegaConf.create(config)
     _check_saved_settings(saved, state["data"], path, trusted_modules, state.get("image_shape", IMAGE_SHAPE))
     _check_model_fits(saved, state, path)
@@ -496,7 +497,7 @@ def _check_model_fits(saved: DictConfig, state: dict, path: str | Path) -> None:
     image_shape = state.get("image_shape", IMAGE_SHAPE)  # checkpoints before image_shape was saved: MNIST's
     try:
         with torch.device("meta"):
-            model, _ = build_vae(saved.model, saved.prior, saved.loss, image_shape)
+            model, _ = build_vae(saved.model, saved.prior, saved.loss, image_shape, saved.posterior)
     except Exception as error:  # whatever the constructor of an allowed class says about these arguments
         raise CheckpointError(
             f"refused {path}: the model its config describes ({described}) cannot be built: {first_line(error.__cause__ or error)}."

@@ -25,7 +25,7 @@ from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.files import write_atomic
 from vae_lab.layout import REPORT_FILE, RunLayout
-from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, mean_kl_per_dimension, reconstruction_mse
+from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, kl_per_layer, mean_kl_per_dimension, reconstruction_mse
 from vae_lab.outcome import TaskOutcome, evaluation_outcome
 from vae_lab.runtime import build, build_vae, resolve_device
 from vae_lab.sample_report import log_sample_quality, sample_quality
@@ -67,7 +67,7 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     data_node = OmegaConf.create({"data": data_config_here(state, saved, cfg.data)})
     data = attempt(data_node, "data", lambda: build(data_node.data)).to(device)
     check_data_fits(state, data, path)
-    model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape)
+    model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape, saved.posterior)
     load_model_weights(model, state, path)
     load_objective_state(objective, state, path)
     model.to(device)
@@ -98,6 +98,7 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
     iw_nll = importance_weighted_nll(model, iw_images, ev.iw_samples, batch_size=ev.batch_size, seed=cfg.seed)
     iw_seconds = time.perf_counter() - iw_started
     disentangled = disentanglement_metrics(cfg, data, mu)
+    layers = _layer_report(model, images, mu, ev.batch_size, cfg.seed)
     report = {
         "checkpoint": str(path.resolve()),
         "epoch": epoch,
@@ -107,12 +108,13 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
         "test_images": len(images),
         "model": type(model).__name__,
         "prior": type(model.prior).__name__,
+        "posterior": type(model.posterior_flow).__name__,
         "objective_name": repr(objective),
         "reconstruction_loss": objective.reconstruction,
         "true_log_likelihood": model.likelihood.is_true_log_likelihood(data.binary, data.values),
         "data_values": data.values,
         "image_shape": list(data.image_shape),
-        "kl_estimator": "closed form" if model.prior.closed_form_kl else "Monte Carlo (log q(z|x) - log p(z) at the sampled z)",
+        "kl_estimator": model.kl_estimator,
         "alpha": getattr(objective, "alpha", 1.0),
         "objective": one_sample["loss"],
         "neg_elbo": one_sample["recon"] + one_sample["kl"],
@@ -127,6 +129,7 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
         "mse_per_pixel": reconstruction_mse(model, images, ev.batch_size),
         "iw_seconds": round(iw_seconds, 3),
     }
+    report.update(layers)
     report.update(disentangled)
     if model.likelihood.discrete:  # nats of a distribution over the 256 levels: bits per dimension, as papers report
         dims_ln2 = float(np.prod(data.image_shape)) * math.log(2)
@@ -135,7 +138,7 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
     if isinstance(getattr(model.likelihood, "log_scale", None), torch.Tensor):
         report["likelihood_scale"] = model.likelihood.log_scale.exp().item()
     try:
-        with _staging(results_dir) as folder, model.prior.frozen(model.posterior):
+        with _staging(results_dir) as folder, model.prior_frozen():
             figures = cfg.get("figures", True)
             if figures:
                 _figures(model, data, mu, kl_dims, active, ev, folder, cfg.seed)
@@ -167,6 +170,16 @@ def check_evaluation_fits(cfg: DictConfig, data) -> None:
             "use data=shapes (or a loader of your own that returns train_factors / test_factors), "
             "or evaluate.disentanglement=auto to leave the metrics out."
         )
+
+
+def _layer_report(model, images: torch.Tensor, means: torch.Tensor, batch_size: int, seed: int) -> dict:
+    """A hierarchical model's KL and active units per stochastic layer (bottom to top); {} for one layer."""
+    sizes = list(model.layer_sizes)
+    if len(sizes) < 2:
+        return {}
+    active = [int(active_units(part).sum()) for part in means.split(sizes, dim=1)]
+    return {"layer_sizes": sizes, "kl_per_layer": [round(v, 4) for v in kl_per_layer(model, images, batch_size, seed)],
+            "active_units_per_layer": active}
 
 
 def disentanglement_metrics(cfg: DictConfig, data, mu: torch.Tensor) -> dict:

@@ -19,11 +19,14 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016): Cov_x(E_q[z|x]) above this
 
 
 @torch.no_grad()
-def encode_all(model, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior means and log-variances (N, D) of all images, in evaluation mode."""
+def encode_all(model, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Posterior means (N, D) of all images, in evaluation mode, and their log-variances where
+    the posterior is a diagonal Gaussian (else None: a flow or hierarchical posterior has none)."""
     model.eval()
-    pairs = [model.posterior(batch) for batch in images.split(batch_size)]
-    return torch.cat([mu for mu, _ in pairs]), torch.cat([logvar for _, logvar in pairs])
+    posteriors = [model.posterior(batch) for batch in images.split(batch_size)]
+    means = torch.cat([q.mean for q in posteriors])
+    gaussian = all(q.gaussian is not None for q in posteriors)
+    return means, torch.cat([q.gaussian[1] for q in posteriors]) if gaussian else None
 
 
 def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> torch.Tensor:
@@ -35,10 +38,26 @@ def active_units(mu: torch.Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> 
     return mu.var(dim=0, unbiased=True) > threshold
 
 
-def mean_kl_per_dimension(prior, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor | None:
+def mean_kl_per_dimension(prior, mu: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor | None:
     """KL to the prior of each latent dimension, averaged over the images (D,); None where the
-    prior does not factorise over dimensions (a mixture), so no per-dimension KL exists."""
-    return prior.kl(mu, logvar).mean(0) if prior.closed_form_kl else None
+    prior does not factorise over dimensions (a mixture) or the posterior is not a diagonal
+    Gaussian (logvar None), so no per-dimension KL exists."""
+    return prior.kl(mu, logvar).mean(0) if prior.closed_form_kl and logvar is not None else None
+
+
+@torch.no_grad()
+def kl_per_layer(model, images: torch.Tensor, batch_size: int, seed: int = 0) -> list[float]:
+    """The KL of each stochastic layer (bottom to top), nats per image averaged over the images, at
+    one z per image from q(z|x) (the closed form or analytic conditional where the model has one)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros(len(model.layer_sizes), dtype=torch.float64)
+    with model.prior_frozen():
+        for x in images.split(batch_size):
+            q = model.posterior(x)
+            z = q.rsample(q.standard_noise(generator=generator))
+            total += model.kl_layers(q, z).double().sum(0).cpu()
+    return (total / len(images)).tolist()
 
 
 @torch.no_grad()
@@ -63,7 +82,7 @@ def importance_weighted_nll(model, images: torch.Tensor, k: int, *, batch_size: 
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     images_per_pass = max(1, min(batch_size, chunk))
-    with model.prior.frozen(model.posterior):
+    with model.prior_frozen():
         for x in images.split(images_per_pass):  # (B, C, H, W)
             total += _iw_log_ratio_sum(model, x, k, chunk, generator)
     return total / len(images)
@@ -71,14 +90,13 @@ def importance_weighted_nll(model, images: torch.Tensor, k: int, *, batch_size: 
 
 def _iw_log_ratio_sum(model, x: torch.Tensor, k: int, chunk: int, generator: torch.Generator) -> float:
     """Sum over the images x (B, C, H, W) of log k - log sum_i w_i, the k samples in chunks."""
-    mu, logvar = model.posterior(x)  # (B, D)
+    q = model.posterior(x)  # (B, D)
     samples_per_pass = max(1, chunk // len(x))
     log_sum = torch.full((len(x),), -math.inf, dtype=torch.float64, device=x.device)
     done = 0
     while done < k:
         c = min(samples_per_pass, k - done)
-        eps = torch.randn(c, *mu.shape, generator=generator).to(x.device)  # (c, B, D)
-        log_w = model.log_weights(x, mu + torch.exp(0.5 * logvar) * eps, mu, logvar)  # (c, B)
+        log_w = model.log_weights(x, q.rsample(q.standard_noise(c, generator)), q)  # (c, B)
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w.double(), dim=0))
         done += c
     return (math.log(k) - log_sum).sum().item()

@@ -1,10 +1,12 @@
 """The VAE models: the reference convolutional VAE, the classic MLP, and a residual one.
 
-A VAE is an encoder x (B, C, H, W) -> q(z|x) = N(mu, diag(exp(logvar))), a decoder
-z (B, D) -> one logit per pixel, a prior p(z) (vae_lab.priors) and a likelihood
-p(x | decoder output) (vae_lab.likelihoods). Subclasses define only the networks:
-`posterior(x)` and `decode(z)`; every figure, bound and sampler goes through the
-methods of the base class, so a new prior or likelihood changes nothing here.
+A VAE is an encoder x (B, C, H, W) -> the Gaussian N(mu, diag(exp(logvar))) and features h,
+a posterior q(z|x) built from them (the `posterior` group: the Gaussian itself, or a flow
+over it conditioned on h; vae_lab.posteriors), a decoder z (B, D) -> one logit per pixel,
+a prior p(z) (vae_lab.priors) and a likelihood p(x | decoder output) (vae_lab.likelihoods).
+Subclasses define only the networks: `posterior_parameters(x)` and `decode(z)`; every
+figure, bound and sampler goes through the methods of the base class, so a new prior,
+posterior or likelihood changes nothing here. The hierarchical VAE is vae_lab.hvae.
 """
 from __future__ import annotations
 
@@ -15,30 +17,63 @@ from torch import nn
 
 from vae_lab.likelihoods import Bernoulli, Likelihood
 from vae_lab.options import IMAGE_SHAPE
-from vae_lab.priors import NormalPrior, Prior, log_diagonal_normal
+from vae_lab.posteriors import Diagonal, DiagonalGaussian, Flow, Posterior
+from vae_lab.priors import NormalPrior, Prior
 
 
 class VAE(nn.Module):
-    """Encoder + decoder + prior + likelihood; see the module docstring.
+    """Encoder + decoder + prior + likelihood (+ a posterior flow); see the module docstring.
 
     A subclass calls `super().__init__(latent_dim, prior, likelihood)` and defines
-    `posterior(x) -> (mu, logvar)` and `decode(z) -> logits (B, C, H, W)`.
+    `posterior_parameters(x) -> (mu, logvar)` or `(mu, logvar, context)` (the encoder's
+    Gaussian, and the features a flow posterior is conditioned on; without them the
+    flow reads (mu, logvar)), or a Posterior object of its own (the hierarchical VAE),
+    and `decode(z) -> logits (B, C, H, W)`. A subclass written against the older
+    contract, `posterior(x) -> (mu, logvar)`, works unchanged (see __init_subclass__).
     """
+
+    layer_sizes: tuple[int, ...]  # latent sizes of the stochastic layers, bottom to top: (latent_dim,) here
 
     def __init__(self, latent_dim: int, prior: Prior | None = None, likelihood: Likelihood | None = None):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         self.latent_dim = latent_dim
+        self.layer_sizes = (latent_dim,)
         self.prior = prior if prior is not None else NormalPrior(latent_dim)
         self.likelihood = likelihood if likelihood is not None else Bernoulli()
+        self.posterior_flow: Flow = Diagonal(latent_dim)  # runtime.build_vae sets the `posterior` group's
+        self.context_dim = 2 * latent_dim  # the flow's context: (mu, logvar) unless the subclass gives features
 
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("posterior")
+        if own is not None and "posterior_parameters" not in cls.__dict__:  # the older contract
+            cls.posterior_parameters = own
+            cls.posterior = VAE.posterior
+
+    def posterior_parameters(self, x: torch.Tensor):
         raise NotImplementedError
 
+    def posterior(self, x: torch.Tensor) -> Posterior:
+        """q(z|x) for the batch x: the encoder's Gaussian through the `posterior` flow (vae_lab.posteriors)."""
+        out = self.posterior_parameters(x)
+        if isinstance(out, Posterior):
+            return out
+        mu, logvar = out[0], out[1]
+        context = out[2] if len(out) > 2 else None
+        if context is None and not isinstance(self.posterior_flow, Diagonal):
+            context = torch.cat([mu, logvar], dim=-1)
+        return self.posterior_flow.posterior(mu, logvar, context)
+
+    def top_gaussian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's Gaussian (mu, logvar) over the latent the prior models (the VampPrior encodes with it)."""
+        out = self.posterior_parameters(x)
+        return out[0], out[1]
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The posterior's (mu, logvar); the name the reference and older code use."""
-        return self.posterior(x)
+        """The encoder's (mu, logvar); the name the reference and older code use."""
+        return self.top_gaussian(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -49,40 +84,62 @@ class VAE(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decoded posterior means, as images."""
-        return self.mean(self.decode(self.posterior(x)[0]))
+        return self.mean(self.decode(self.posterior(x).mean))
 
     def prior_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return self.prior.log_prob(z, self.posterior)
+        return self.prior.log_prob(z, self.top_gaussian)
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """z (n, latent_dim) from the prior, drawn from `generator` (CPU) where given."""
-        return self.prior.sample(n, generator, self.posterior)
+        return self.prior.sample(n, generator, self.top_gaussian)
+
+    def prior_frozen(self):
+        """Within: the prior's derived parameters fixed (evaluation): see Prior.frozen."""
+        return self.prior.frozen(self.top_gaussian)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n images decoded from z ~ p(z)."""
         return self.mean(self.decode(self.sample_prior(n, generator)))
 
-    def kl(self, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """KL(q(z|x) || p(z)) per image: the closed form where the prior has one (B,),
-        else the Monte-Carlo estimate log q(z|x) - log p(z) at the given z (..., B)."""
-        if self.prior.closed_form_kl:
-            return self.prior.kl(mu, logvar).sum(-1)
-        return log_diagonal_normal(z, mu, logvar) - self.prior_log_prob(z)
+    def kl(self, q: Posterior, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per image: the closed form where the posterior is a diagonal Gaussian and
+        the prior has one (B,), else the Monte-Carlo estimate log q(z|x) - log p(z) at the given z (..., B)."""
+        if self.prior.closed_form_kl and q.gaussian is not None:
+            return self.prior.kl(*q.gaussian).sum(-1)
+        return q.log_prob(z) - self.prior_log_prob(z)
 
-    def log_weights(self, x: torch.Tensor, z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """log p(x|z) + log p(z) - log q(z|x) for z (k, B, D): the importance weights (k, B)."""
+    def kl_layers(self, q: Posterior, z: torch.Tensor) -> torch.Tensor:
+        """The KL split by stochastic layer (..., B, layers), summing to kl(q, z): one layer here."""
+        return self.kl(q, z)[..., None]
+
+    def log_weights(self, x: torch.Tensor, z: torch.Tensor, q: Posterior) -> torch.Tensor:
+        """log p(x|z) + log p(z) - log q(z|x) for z (k, B, D) drawn from q: the importance weights (k, B)."""
         output = self.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2])
-        return self.likelihood.log_prob(x, output) + self.prior_log_prob(z) - log_diagonal_normal(z, mu, logvar)
+        return self.likelihood.log_prob(x, output) + self.prior_log_prob(z) - q.log_prob(z)
+
+    @property
+    def kl_estimator(self) -> str:
+        """How kl() estimates the KL, in words, for the report."""
+        if self.prior.closed_form_kl and self.posterior_is_gaussian:
+            return "closed form"
+        return "Monte Carlo (log q(z|x) - log p(z) at the sampled z)"
+
+    @property
+    def posterior_is_gaussian(self) -> bool:
+        """Whether q(z|x) is the encoder's diagonal Gaussian (what a factorised decomposition needs)."""
+        return self.posterior_flow.identity and len(self.layer_sizes) == 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction images, mu, logvar) with z drawn from q(z|x), so the output is random."""
-        mu, logvar = self.posterior(x)
-        return self.mean(self.decode(reparameterize(mu, logvar))), mu, logvar
+        """(reconstruction images, mu, logvar) with z drawn from q(z|x), so the output is random;
+        mu and logvar are the encoder's Gaussian (before a flow)."""
+        q = self.posterior(x)
+        mu, logvar = self.top_gaussian(x) if q.gaussian is None else q.gaussian
+        return self.mean(self.decode(q.rsample())), mu, logvar
 
     def __repr__(self) -> str:
         # The reference printout lists the networks only: leave out the standard N(0, I)
-        # prior and Bernoulli likelihood, which add no parameters. Others are shown.
+        # prior, the Bernoulli likelihood and the diagonal posterior, which add no parameters. Others are shown.
         modules = self._modules
         self._modules = {name: m for name, m in modules.items() if not getattr(m, "implicit", False)}
         try:
@@ -93,9 +150,7 @@ class VAE(nn.Module):
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I) (or the given noise, same shape as mu)."""
-    if noise is None:
-        noise = torch.randn_like(mu)
-    return mu + torch.exp(0.5 * logvar) * noise
+    return DiagonalGaussian(mu, logvar).rsample(noise)
 
 
 class ConvVAE(VAE):
@@ -130,6 +185,7 @@ class ConvVAE(VAE):
         )
         self.encoder_mean = _mlp_head(features, hidden_dim, latent_dim)
         self.encoder_std = _mlp_head(features, hidden_dim, latent_dim)
+        self.context_dim = features
         pad = [tuple(axis[2] - ((axis[3] - 1) * 2 + 5) for axis in sizes), tuple(axis[1] - 2 * axis[2] for axis in sizes),
                tuple(axis[0] - 2 * axis[1] for axis in sizes)]
         if any(p not in (0, 1) for step in pad for p in step):
@@ -155,9 +211,9 @@ class ConvVAE(VAE):
         # The reference printout calls the class "Model"; keep print(model) identical.
         return "Model"
 
-    def posterior(self, x):
+    def posterior_parameters(self, x):
         h = self.encoder_conv(x)
-        return self.encoder_mean(h), self.encoder_std(h)
+        return self.encoder_mean(h), self.encoder_std(h), h
 
     def decode(self, z):
         return self.decoder[:-1](z)
@@ -191,15 +247,16 @@ class MLPVAE(VAE):
         self.encoder = nn.Sequential(nn.Flatten(), *_dense_stack(pixels, hidden_dim, hidden_layers, activation))
         self.encoder_mean = nn.Linear(hidden_dim, latent_dim)
         self.encoder_std = nn.Linear(hidden_dim, latent_dim)  # log-variance, as in ConvVAE
+        self.context_dim = hidden_dim
         self.decoder = nn.Sequential(
             *_dense_stack(latent_dim, hidden_dim, hidden_layers, activation),
             nn.Linear(hidden_dim, pixels * self.likelihood.outputs_per_channel),
             nn.Unflatten(1, (image_shape[0] * self.likelihood.outputs_per_channel, *image_shape[1:])),
         )
 
-    def posterior(self, x):
+    def posterior_parameters(self, x):
         h = self.encoder(x)
-        return self.encoder_mean(h), self.encoder_std(h)
+        return self.encoder_mean(h), self.encoder_std(h), h
 
     def decode(self, z):
         return self.decoder(z)
@@ -235,6 +292,7 @@ class ResNetVAE(VAE):
         )
         self.encoder_mean = nn.Linear(hidden_dim, latent_dim)
         self.encoder_logvar = nn.Linear(hidden_dim, latent_dim)
+        self.context_dim = hidden_dim
         pad = [tuple(big - 2 * small for big, small in zip(self.sizes[i], self.sizes[i + 1])) for i in (1, 0)]
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 4 * d * low), nn.SiLU(),
@@ -244,9 +302,9 @@ class ResNetVAE(VAE):
             nn.SiLU(), nn.Conv2d(d, image_channels * self.likelihood.outputs_per_channel, 3, padding=1),
         )
 
-    def posterior(self, x):
+    def posterior_parameters(self, x):
         h = self.encoder(x)
-        return self.encoder_mean(h), self.encoder_logvar(h)
+        return self.encoder_mean(h), self.encoder_logvar(h), h
 
     def decode(self, z):
         return self.decoder(z)

@@ -23,8 +23,9 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from vae_lab.errors import ConfigError
 from vae_lab.likelihoods import make_likelihood
-from vae_lab.priors import log_diagonal_normal
+from vae_lab.posteriors import log_diagonal_normal
 
 
 class LossTerms(NamedTuple):
@@ -79,10 +80,17 @@ class Objective:
         """Restore state_dict()'s output (the checkpoint has checked its kinds and shapes)."""
 
     def _sample(self, model, x, noise):
-        """(mu, logvar, z, recon (B,)): one reparameterised z per image and -log p(x|z)."""
-        mu, logvar = model.posterior(x)
-        z = mu + torch.exp(0.5 * logvar) * (torch.randn_like(mu) if noise is None else noise)
-        return mu, logvar, z, -model.likelihood.log_prob(x, model.decode(z))
+        """(q, z, recon (B,)): the posterior, one reparameterised z per image and -log p(x|z)."""
+        q = model.posterior(x)
+        z = q.rsample(noise)
+        return q, z, -model.likelihood.log_prob(x, model.decode(z))
+
+    @staticmethod
+    def _needs_gaussian_posterior(model, why: str) -> None:
+        """For an objective whose maths reads the posterior's per-dimension Gaussian: refuse any other, in one line."""
+        if not model.posterior_is_gaussian:
+            raise ConfigError(f"{why} needs the diagonal Gaussian posterior of a one-layer model (it reads q(z_d|x) "
+                              "dimension by dimension); use posterior=diagonal with a one-layer model, or loss=elbo|iwae|factor_vae.")
 
     @staticmethod
     def _check_weights(**weights) -> None:
@@ -108,13 +116,14 @@ class ELBO(Objective):
         self.free_bits = float(free_bits)
 
     def __call__(self, model, x, noise=None):
-        mu, logvar, z, recon = self._sample(model, x, noise)
-        kl = model.kl(z, mu, logvar)  # (B,)
+        q, z, recon = self._sample(model, x, noise)
+        kl = model.kl(q, z)  # (B,)
         penalised = kl.mean()
-        if self.free_bits > 0 and model.prior.closed_form_kl:
-            penalised = model.prior.kl(mu, logvar).mean(0).clamp(min=self.free_bits).sum()
-        elif self.free_bits > 0:
-            penalised = penalised.clamp(min=self.free_bits * mu.shape[1])
+        if self.free_bits > 0 and model.prior.closed_form_kl and q.gaussian is not None:
+            penalised = model.prior.kl(*q.gaussian).mean(0).clamp(min=self.free_bits).sum()
+        elif self.free_bits > 0:  # per stochastic layer: its batch-mean KL counts as at least free_bits x its size
+            floors = torch.tensor(model.layer_sizes, dtype=kl.dtype, device=kl.device) * self.free_bits
+            penalised = torch.maximum(model.kl_layers(q, z).mean(0), floors).sum()
         total = recon.mean() + self.alpha * self.kl_scale * penalised
         return LossTerms(total, recon.mean(), kl.mean())
 
@@ -141,15 +150,15 @@ class IWAE(Objective):
         return (self.k, latent_dim)
 
     def __call__(self, model, x, noise=None):
-        mu, logvar = model.posterior(x)  # (B, D)
-        eps = torch.randn(self.k, *mu.shape, device=mu.device, dtype=mu.dtype) if noise is None else noise.transpose(0, 1)
-        z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, D)
+        q = model.posterior(x)
+        eps = q.standard_noise(self.k) if noise is None else noise.transpose(0, 1)
+        z = q.rsample(eps)  # (k, B, D)
         output = model.decode(z.flatten(0, 1)).unflatten(0, (self.k, x.shape[0]))
         log_px = model.likelihood.log_prob(x, output)  # (k, B)
-        log_prior_ratio = model.prior_log_prob(z) - log_diagonal_normal(z, mu, logvar)  # (k, B)
+        log_prior_ratio = model.prior_log_prob(z) - q.log_prob(z)  # (k, B)
         log_w = log_px + self.kl_scale * log_prior_ratio
         bound = torch.logsumexp(log_w, dim=0) - math.log(self.k)  # (B,)
-        kl = model.kl(z, mu, logvar)  # (B,) closed form, or (k, B) Monte Carlo
+        kl = model.kl(q, z)  # (B,) closed form, or (k, B) Monte Carlo
         return LossTerms(-bound.mean(), -log_px.mean(), kl.mean())
 
     def __repr__(self) -> str:
@@ -183,16 +192,19 @@ class BetaTCVAE(Objective):
         self.alpha, self.beta, self.gamma, self.estimator = float(alpha), float(beta), float(gamma), estimator
         self.dataset_size = 0
 
+    def bind(self, model):
+        self._needs_gaussian_posterior(model, "loss=beta_tcvae")
+
     def start_pass(self, images, training):
         self.dataset_size = images
 
     def __call__(self, model, x, noise=None):
-        mu, logvar, z, recon = self._sample(model, x, noise)
-        mi, tc, dwkl = kl_decomposition(z, mu, logvar, model.prior_log_prob(z),
+        q, z, recon = self._sample(model, x, noise)
+        mi, tc, dwkl = kl_decomposition(z, *q.gaussian, model.prior_log_prob(z),
                                         max(self.dataset_size, len(x)), self.estimator)
         penalty = self.alpha * mi + self.beta * tc + self.gamma * dwkl
         total = recon.mean() + self.kl_scale * penalty.mean()
-        return LossTerms(total, recon.mean(), model.kl(z, mu, logvar).mean())
+        return LossTerms(total, recon.mean(), model.kl(q, z).mean())
 
     def __repr__(self) -> str:
         return (f"BetaTCVAE(reconstruction={self.reconstruction!r}, alpha={self.alpha}, beta={self.beta}, "
@@ -268,8 +280,8 @@ class FactorVAE(Objective):
         return self
 
     def __call__(self, model, x, noise=None):
-        mu, logvar, z, recon = self._sample(model, x, noise)
-        kl = model.kl(z, mu, logvar)
+        q, z, recon = self._sample(model, x, noise)
+        kl = model.kl(q, z)
         logits = self.discriminator(z)
         tc = (logits[:, 0] - logits[:, 1]).mean()
         if torch.is_grad_enabled():
@@ -312,6 +324,10 @@ class DIPVAE(Objective):
 
     min_batch = 2  # a covariance needs two codes
 
+    def bind(self, model):
+        if self.dip_type == "ii":  # type i reads the posterior means only, which every posterior has
+            self._needs_gaussian_posterior(model, "loss=dip_vae with dip_type=ii")
+
     def __init__(self, reconstruction: str = "bce", lambda_od: float = 10.0, lambda_d: float = 100.0,
                  dip_type: Literal["i", "ii"] = "i"):
         super().__init__(reconstruction)
@@ -321,12 +337,13 @@ class DIPVAE(Objective):
         self.lambda_od, self.lambda_d, self.dip_type = float(lambda_od), float(lambda_d), dip_type
 
     def __call__(self, model, x, noise=None):
-        mu, logvar, z, recon = self._sample(model, x, noise)
-        kl = model.kl(z, mu, logvar)
+        q, z, recon = self._sample(model, x, noise)
+        kl = model.kl(q, z)
+        mu = q.mean
         centred = mu - mu.mean(0)
         covariance = centred.T @ centred / len(mu)
         if self.dip_type == "ii":
-            covariance = covariance + torch.diag(logvar.exp().mean(0))
+            covariance = covariance + torch.diag(q.gaussian[1].exp().mean(0))
         diagonal = torch.diagonal(covariance)
         penalty = self.lambda_od * (covariance.pow(2).sum() - diagonal.pow(2).sum()) + self.lambda_d * (diagonal - 1).pow(2).sum()
         total = recon.mean() + self.kl_scale * (kl.mean() + penalty)

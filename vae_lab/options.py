@@ -45,6 +45,7 @@ IMAGE_SHAPE = (1, 28, 28)  # MNIST's: the probe shape before a run, and that of 
 GROUP_BASES = {
     "model": ("vae_lab.model", "VAE"),
     "prior": ("vae_lab.priors", "Prior"),
+    "posterior": ("vae_lab.posteriors", "Flow"),
     "loss": ("vae_lab.objectives", "Objective"),
     "data": ("vae_lab.data", "ImageData"),
     "optim": ("torch.optim", "Optimizer"),
@@ -55,7 +56,7 @@ GROUP_BASES = {
 RECORDED_ONLY_GROUPS = ("logger",)
 # Built together, as runtime.build_vae builds them (the prior gets the model's latent size, the
 # model the prior and the objective's likelihood); the dry build builds them the same way.
-BUILT_WITH_MODEL = ("model", "prior", "loss")
+BUILT_WITH_MODEL = ("model", "prior", "loss", "posterior")
 EXPERIMENT_GROUPS = tuple(group for group in GROUP_BASES if group not in RECORDED_ONLY_GROUPS)
 # Trusted without being listed in trusted_modules: vae_lab's own package, torch's optimizers
 # and schedulers. Trust is by whole dotted package (vae_lab covers vae_lab.model, never vae_lab_evil).

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from vae_lab.posteriors import log_diagonal_normal  # noqa: F401 (also imported from here)
+
 
 class Prior(nn.Module):
     closed_form_kl = False
@@ -158,8 +160,3 @@ def batch_statistics_frozen(posterior):
     finally:
         for layer in layers:
             layer.train()
-
-
-def log_diagonal_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))) summed over the last dimension; z (..., D) broadcasts against mu."""
-    return -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)

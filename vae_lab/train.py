@@ -220,7 +220,7 @@ def build_training(cfg: DictConfig, device: torch.device) -> Training:
     data = data.to(device)
     if declared_image_shape(cfg) is None:  # a folder, an .npz: the config check could not probe the model before loading
         dry_build(cfg, data.image_shape)
-    model, objective = build_vae(cfg.model, cfg.prior, cfg.loss, data.image_shape)
+    model, objective = build_vae(cfg.model, cfg.prior, cfg.loss, data.image_shape, cfg.get("posterior"))
     model = model.to(device)
     objective.to(device)
     if cfg.train.channels_last:
@@ -486,7 +486,7 @@ PROGRESS_SAMPLE_SEED = 0  # every progress figure decodes the same prior draw, s
 def _progress_images(model, images: torch.Tensor, folder: Path, epoch: int, cfg: DictConfig, logger) -> None:
     model.eval()
     per_row = min(cfg.evaluate.images_per_row, len(images))  # a test split smaller than a row
-    with model.prior.frozen(model.posterior):
+    with model.prior_frozen():
         reconstruction = plots.reconstruction_grid(
             images, model.reconstruct(images), folder / f"reconstruction_{epoch:04d}.png", per_row=per_row,
             title=f"Reconstructions after epoch {epoch} (odd rows: originals, even rows: reconstructions)",

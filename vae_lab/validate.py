@@ -83,6 +83,9 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
            f"a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
+    for key in ("posterior.steps", "posterior.hidden", "model.layers"):
+        _check(cfg, key, _is_positive_int, "a whole number >= 1 (posterior.steps=0 is the diagonal posterior: posterior=diagonal)"
+               if key == "posterior.steps" else "a whole number >= 1")
     for key in ("train.kl_warmup_epochs", "model.blocks"):
         _check(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
     _check(cfg, "loss.free_bits", lambda v: is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
@@ -344,9 +347,9 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors is a no-op"
         model = objective = None
-        if all(group in groups for group in BUILT_WITH_MODEL):
+        if all(group in groups for group in BUILT_WITH_MODEL if group != "posterior"):  # no posterior group: the diagonal one
             def build_model():
-                return build_vae(cfg.model, cfg.prior, cfg.loss, image_shape)
+                return build_vae(cfg.model, cfg.prior, cfg.loss, image_shape, cfg.get("posterior"))
 
             _refuse_absurd_size(cfg, build_model, torch)
             _refuse_absurd_step(cfg, image_shape, torch)
