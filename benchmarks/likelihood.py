@@ -7,6 +7,7 @@ benchmarks/results/ as markdown.
 
   python benchmarks/likelihood.py --data-root ../shared/data --epochs 5 --k 1000
   python benchmarks/likelihood.py --data-root ../shared/data --rows mlp_elbo mlp_iwae5 --epochs 20
+  python benchmarks/likelihood.py --data-root ../shared/data --rows mlp_iwae5 mlp_iwae5_iaf hvae2_iwae5 --epochs 5
   python benchmarks/likelihood.py --data-root ../shared/data --add-run best_nll=outputs/<date>/<time>
 
 --add-run puts a finished run (its results/metrics.json and metrics.csv) into the table,
@@ -39,6 +40,11 @@ ROWS = {  # name -> (what it is, overrides)
     "mlp_iwae5": ("the same MLP, IWAE k = 5", [*IWAE_MLP, "loss=iwae", "loss.k=5"]),
     "mlp_iwae50": ("the same MLP, IWAE k = 50", [*IWAE_MLP, "loss=iwae", "loss.k=50"]),
     "mlp_elbo_vamp": ("the same MLP, ELBO, VampPrior (500 pseudo-inputs)", [*IWAE_MLP, "loss=elbo", "prior=vamp"]),
+    # at equal epochs: the posterior (diagonal against an IAF), and 1 against 2 stochastic layers (Burda et al.'s 2-layer sizes)
+    "mlp_iwae5_iaf": ("mlp_iwae5 with an IAF posterior (2 steps, 320 hidden)", [*IWAE_MLP, "loss=iwae", "loss.k=5", "posterior=iaf"]),
+    "hvae2_iwae5": ("model=hvae, 2 layers (100 then 50 latents), 2x200 tanh blocks, IWAE k = 5",
+                    ["model=hvae", "model.layers=2", "model.lower_dims=[100]", "model.latent_dim=50", "model.hidden_dim=200",
+                     "model.hidden_layers=2", "model.activation=tanh", "loss=iwae", "loss.k=5"]),
 }
 COMMON = ["data=mnist", "data.binarize=dynamic", "train.alpha=1.0", "scheduler=none", "train.checkpoint_every=1000",
           "train.plot_every=1000", "train.evaluate_at_end=true"]

@@ -230,13 +230,16 @@ class ClosedFormOnlyPrior(Prior):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["posterior=iaf", "posterior.steps=0"], "posterior.steps=0 .* is the diagonal posterior: posterior=diagonal"),
+    (["posterior=iaf", "posterior.steps=0"], r"posterior \(IAF\) with no steps is the diagonal posterior.*use posterior=diagonal"),
+    (["posterior=planar", "posterior.steps=-1"], "steps must be from 0 to 256"),
+    (["posterior=iaf", "posterior.steps=100000"], r"posterior \(vae_lab.posteriors.IAF\) refuses .*steps must be from 0 to 256.*got steps=100000"),  # before 100,000 are built
+    (["posterior=iaf", "posterior.hidden=100000000"], r"parameters, which need about .* Use smaller model.\*, posterior.\* sizes"),
     (["posterior=iaf", "model=hvae"], "flow over a one-layer model's Gaussian; HierarchicalVAE builds its own posterior"),
     (["posterior=planar", "loss=beta_tcvae"], "loss=beta_tcvae needs the diagonal Gaussian posterior of a one-layer model"),
     (["model=hvae", "loss=dip_vae", "loss.dip_type=ii"], "dip_type=ii needs the diagonal Gaussian posterior"),
     (["model=hvae", "model.layers=1000"], "layers must be between 1 and 64, got 1000"),
     (["model=hvae", "model.layers=3", "model.lower_dims=[8]"], "lower_dims lists 1 sizes for the 2 layers below the top"),
-    (["model=hvae", "model.layers=0"], "model.layers=0 .* a whole number >= 1"),
+    (["model=hvae", "model.layers=0"], "layers must be between 1 and 64, got 0"),
 ])
 def test_a_posterior_or_hierarchy_that_cannot_work_is_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -137,9 +137,12 @@ class Diagonal(Flow):
         return z, torch.zeros(z.shape[:-1], dtype=z.dtype, device=z.device)
 
 
+MAX_STEPS = 256  # published flow posteriors use up to about 80 steps; past this a typo, refused before anything is built
+
+
 def _check_steps(steps: int, hidden: int = 1) -> None:
-    if steps < 0 or hidden < 1:
-        raise ValueError(f"steps must be >= 0 and hidden >= 1, got steps={steps} and hidden={hidden}")
+    if not 0 <= steps <= MAX_STEPS or hidden < 1:
+        raise ValueError(f"steps must be from 0 to {MAX_STEPS} and hidden >= 1, got steps={steps} and hidden={hidden}")
 
 
 class MaskedLinear(nn.Linear):

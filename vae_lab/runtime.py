@@ -51,6 +51,7 @@ def build_vae(model_cfg, prior_cfg, loss_cfg, image_shape: tuple[int, ...], post
     then the objective is bound to the model (an auxiliary network of the objective is
     sized from it, and an objective that needs a Gaussian posterior says so).
     """
+    from vae_lab.posteriors import Diagonal
     from vae_lab.priors import Prior
 
     objective = build(loss_cfg)
@@ -59,8 +60,11 @@ def build_vae(model_cfg, prior_cfg, loss_cfg, image_shape: tuple[int, ...], post
     model = build(model_cfg, image_shape=image_shape, prior=prior, likelihood=objective.likelihood)
     if posterior_cfg is not None:
         flow = build(posterior_cfg, latent_dim=model.latent_dim, context_dim=model.context_dim)
+        name = f"posterior ({type(flow).__name__})"
+        if flow.identity and type(flow) is not Diagonal:
+            raise ConfigError(f"{name} with no steps is the diagonal posterior, and its settings mean nothing: "
+                              "use posterior=diagonal, or give it steps >= 1.")
         if not flow.identity:
-            name = f"posterior ({type(flow).__name__})"
             if not getattr(model, "takes_flow", True):
                 raise ConfigError(f"{name} is a flow over a one-layer model's Gaussian; {type(model).__name__} builds its "
                                   "own posterior. Use posterior=diagonal with this model.")

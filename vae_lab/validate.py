@@ -83,9 +83,6 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
            f"a whole number from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
     for key in ("loss.k", "prior.components", "model.hidden_layers", "model.channels", "model.decoder_width"):
         _check(cfg, key, _is_positive_int, "a whole number >= 1")
-    for key in ("posterior.steps", "posterior.hidden", "model.layers"):
-        _check(cfg, key, _is_positive_int, "a whole number >= 1 (posterior.steps=0 is the diagonal posterior: posterior=diagonal)"
-               if key == "posterior.steps" else "a whole number >= 1")
     for key in ("train.kl_warmup_epochs", "model.blocks"):
         _check(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
     _check(cfg, "loss.free_bits", lambda v: is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
@@ -407,6 +404,9 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
         own = sum(v.numel() for _, _, v in config_entries(objective.state_dict()) if isinstance(v, torch.Tensor))
         count += own
         objective_part = f" ({own:,} of them in the objective's own network)" if own else ""
+        # the groups whose parameters count: the user shrinks one of them
+        parts = [group for group, module in (("prior", getattr(model, "prior", None)), ("posterior", getattr(model, "posterior_flow", None)))
+                 if isinstance(module, torch.nn.Module) and any(True for _ in module.parameters())] + (["loss"] if own else [])
     except Exception:
         return  # a model that cannot be built on meta: the CPU build reports real errors
     device = _training_device(cfg, torch)
@@ -417,7 +417,7 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
             f"model ({cfg.model.get('_target_')}) with these settings has {count:,} parameters, which need about "
             f"{needed / 2**30:,.0f} GiB to train{objective_part}; "
             f"this machine has {available / 2**30:,.0f} GiB of {where}. "
-            f"Use smaller model.* (or prior.*{', loss.*' if own else ''}) sizes."
+            f"Use smaller model.*{''.join(f', {group}.*' for group in parts)} sizes."
         )
 
 
