@@ -101,6 +101,16 @@ def test_a_users_own_configs_are_found_beside_the_packaged_ones(tmp_path, how):
     assert cfg["optim"]["_target_"] == "torch.optim.Adam"  # the packaged groups are still there
 
 
+@pytest.mark.parametrize("content, kind", [("- model=mlp_vae\n- train.epochs=1\n", "list"), ("mlp_vae\n", "str")])
+def test_a_chosen_config_file_that_is_not_a_mapping_is_refused_not_ignored(tmp_path, content, kind):
+    (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "experiment" / "mine.yaml").write_text(content)
+    result = run_cli("--config-dir", str(tmp_path / "my_conf"), "experiment=mine", f"hydra.run.dir={tmp_path / 'run'}", *TINY)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"experiment=mine: {tmp_path / 'my_conf' / 'experiment' / 'mine.yaml'} holds a {kind}, not a mapping" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # Hydra would have trained the default experiment
+
+
 def test_training_ends_with_the_run_directory_the_files_to_open_and_the_numbers(tmp_path):
     outcome = run_task(compose_config("train.epochs=1", "data.limit=64", "train.evaluate_at_end=true", "figures=true"), tmp_path)
     assert outcome.run_dir == tmp_path

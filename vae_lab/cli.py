@@ -92,6 +92,7 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 def run_task(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     """Check the config, set torch's threads, run the task it names in `run_dir`, say where it went
     (under torchrun, rank 0 alone writes run.log and the closing block)."""
+    _refuse_ignored_group_files()
     validate(cfg)
     with log_file(run_dir / "run.log") if writer() else contextlib.nullcontext():
         set_threads(cfg.get("threads"))
@@ -99,6 +100,31 @@ def run_task(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
         if writer():
             log.info("%s", closing_block(outcome))
     return outcome
+
+
+def _refuse_ignored_group_files() -> None:
+    """A chosen group file that is not a mapping of settings (a YAML list, a bare value): Hydra composes
+    it as nothing, so the run would silently be another experiment. Refuse it, naming the file."""
+    import yaml
+
+    if not HydraConfig.initialized():
+        return  # a task called directly: no files were chosen
+    hydra_cfg = HydraConfig.get()
+    for source in hydra_cfg.runtime.config_sources:
+        if source.get("schema") != "file":
+            continue
+        for group, choice in hydra_cfg.runtime.choices.items():
+            if group.startswith("hydra") or not isinstance(choice, str):
+                continue
+            path = Path(source.path) / group / f"{choice}.yaml"
+            try:
+                content = yaml.safe_load(path.read_text()) if path.is_file() else None
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                continue  # Hydra read it already and reports what it cannot read
+            if content is not None and not isinstance(content, dict):
+                raise ConfigError(f"{group}={choice}: {path} holds a {type(content).__name__}, not a mapping of settings, "
+                                  "and Hydra would compose it as nothing. Write it as `key: value` lines (a recipe "
+                                  "starts with `# @package _global_`).")
 
 
 def set_threads(threads: int | str | None) -> None:

@@ -376,6 +376,9 @@ def _log_report(report: dict) -> None:
         ("KL estimate", report["kl_estimator"]),
         ("a true log-likelihood?", _likelihood_statement(report)),
         ("active units", f"{report['active_units']} / {report['latent_dim']}"),
+        *([("per layer, bottom to top: KL", " / ".join(f"{v:.2f}" for v in report["kl_per_layer"])),
+           ("per layer: active units", " / ".join(f"{a} of {d}" for a, d in zip(report["active_units_per_layer"], report["layer_sizes"])))]
+          if "kl_per_layer" in report else []),
         ("reconstruction MSE per pixel", f"{report['mse_per_pixel']:.5f}"),
         *([("MIG / SAP / FactorVAE score", f"{report['mig']:.3f} / {report['sap']:.3f} / {report['factor_vae_score']:.3f}"),
            ("DCI disent. / compl. / inform.", f"{report['dci_disentanglement']:.3f} / {report['dci_completeness']:.3f} / "
