@@ -6,7 +6,7 @@
 set -euo pipefail
 ref=${1:?give the commit to compare with}; root=$(realpath "${2:-../shared/data}")
 here=$(cd "$(dirname "$0")/.." && pwd); work=$(mktemp -d)
-git -C "$here" worktree add --detach "$work/then" "$ref" >/dev/null
+git -C "$here" worktree add -q --detach "$work/then" "$ref" >/dev/null
 trap 'git -C "$here" worktree remove --force "$work/then"; rm -rf "$work"' EXIT
 common="threads=1 data.root=$root data.limit=2000 evaluate.iw_samples=20 evaluate.sample_metrics=false figures=false"
 runs=("train.alpha=1.0 train.epochs=2" "experiment=best_nll train.epochs=2 train.kl_warmup_epochs=1"
