@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vae_lab.likelihoods import Likelihood
-from vae_lab.model import ACTIVATIONS, VAE, _dense_stack
+from vae_lab.model import ACTIVATIONS, VAE, _dense_stack, halved_twice
 from vae_lab.options import IMAGE_SHAPE
 from vae_lab.posteriors import Posterior, log_diagonal_normal
 from vae_lab.priors import NormalPrior, Prior
@@ -210,6 +210,10 @@ class HierarchicalPosterior(Posterior):
     def mean(self):
         return self._top_down()[0]  # each layer's mean given the means above
 
+    @property
+    def encoder_gaussian(self):
+        return self.bottom_up[-1]
+
 
 def _conv_ends(image_shape, channels: int, hidden_dim: int, bottom_dim: int, outputs: int, activation: str):
     """The conv backbone's bottom-up stem (x -> hidden_dim) and decoder (z_1 -> outputs per pixel)."""
@@ -217,8 +221,7 @@ def _conv_ends(image_shape, channels: int, hidden_dim: int, bottom_dim: int, out
     if min(height, width) < 4:
         raise ValueError(f"backbone=conv halves the image twice and needs at least 4 x 4 pixels, got {height} x {width}; "
                          "use backbone=mlp")
-    sizes = [(height, width), (height // 2, width // 2), (height // 4, width // 4)]
-    pad = [tuple(big - 2 * small for big, small in zip(sizes[i], sizes[i + 1])) for i in (1, 0)]
+    sizes, pad = halved_twice(height, width)
     c, act, low = channels, ACTIVATIONS[activation], sizes[2][0] * sizes[2][1]
     stem = nn.Sequential(
         nn.Conv2d(image_channels, c, 4, stride=2, padding=1), act(), nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), act(),

@@ -17,7 +17,7 @@ from torch import nn
 
 from vae_lab.likelihoods import Bernoulli, Likelihood
 from vae_lab.options import IMAGE_SHAPE
-from vae_lab.posteriors import Diagonal, DiagonalGaussian, Flow, Posterior
+from vae_lab.posteriors import Diagonal, Flow, Posterior
 from vae_lab.priors import NormalPrior, Prior
 
 
@@ -62,7 +62,7 @@ class VAE(nn.Module):
             return out
         mu, logvar = out[0], out[1]
         context = out[2] if len(out) > 2 else None
-        if context is None and not isinstance(self.posterior_flow, Diagonal):
+        if context is None and not self.posterior_flow.identity:
             context = torch.cat([mu, logvar], dim=-1)
         return self.posterior_flow.posterior(mu, logvar, context)
 
@@ -134,8 +134,7 @@ class VAE(nn.Module):
         """(reconstruction images, mu, logvar) with z drawn from q(z|x), so the output is random;
         mu and logvar are the encoder's Gaussian (before a flow)."""
         q = self.posterior(x)
-        mu, logvar = self.top_gaussian(x) if q.gaussian is None else q.gaussian
-        return self.mean(self.decode(q.rsample())), mu, logvar
+        return (self.mean(self.decode(q.rsample())), *q.encoder_gaussian)
 
     def __repr__(self) -> str:
         # The reference printout lists the networks only: leave out the standard N(0, I)
@@ -146,11 +145,6 @@ class VAE(nn.Module):
             return super().__repr__()
         finally:
             self._modules = modules
-
-
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """z = mu + sigma * eps with eps ~ N(0, I) (or the given noise, same shape as mu)."""
-    return DiagonalGaussian(mu, logvar).rsample(noise)
 
 
 class ConvVAE(VAE):
@@ -281,7 +275,7 @@ class ResNetVAE(VAE):
         if min(channels, decoder_width, hidden_dim) < 1 or blocks < 0:
             raise ValueError("channels, decoder_width and hidden_dim must be >= 1, blocks >= 0")
         image_channels, height, width = image_shape
-        self.sizes = [(height, width), (height // 2, width // 2), (height // 4, width // 4)]  # 4x4 stride-2 convs halve, rounding down
+        self.sizes, pad = halved_twice(height, width)
         c, d = channels, channels * decoder_width
         low = self.sizes[2][0] * self.sizes[2][1]
         self.encoder = nn.Sequential(
@@ -293,7 +287,6 @@ class ResNetVAE(VAE):
         self.encoder_mean = nn.Linear(hidden_dim, latent_dim)
         self.encoder_logvar = nn.Linear(hidden_dim, latent_dim)
         self.context_dim = hidden_dim
-        pad = [tuple(big - 2 * small for big, small in zip(self.sizes[i], self.sizes[i + 1])) for i in (1, 0)]
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, 4 * d * low), nn.SiLU(),
             nn.Unflatten(1, (4 * d, *self.sizes[2])), *_res_stack(4 * d, blocks),
@@ -308,6 +301,14 @@ class ResNetVAE(VAE):
 
     def decode(self, z):
         return self.decoder(z)
+
+
+def halved_twice(height: int, width: int):
+    """(sizes, output paddings) of an image through two 4x4 stride-2 convolutions (which halve, rounding
+    down) and back through two transposed ones: sizes at full, 1/2 and 1/4 resolution, and the
+    output_padding of the transposed convolution to 1/2 and then to full size."""
+    sizes = [(height, width), (height // 2, width // 2), (height // 4, width // 4)]
+    return sizes, [tuple(big - 2 * small for big, small in zip(sizes[i], sizes[i + 1])) for i in (1, 0)]
 
 
 class ResidualBlock(nn.Module):

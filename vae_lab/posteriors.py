@@ -57,6 +57,11 @@ class Posterior:
     def mean(self) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def encoder_gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's (mu, logvar) over the latent the prior models, before any flow (what model(x) returns)."""
+        return self.gaussian
+
 
 class DiagonalGaussian(Posterior):
     """N(mu, diag(exp(logvar))): the encoder's Gaussian, every model's default posterior."""
@@ -101,6 +106,10 @@ class FlowPosterior(Posterior):
     @property
     def mean(self):
         return self.flow(self.base.mu, self.context)[0]  # the flow of the base mean: its codes for figures
+
+    @property
+    def encoder_gaussian(self):
+        return self.base.gaussian
 
 
 class Flow(nn.Module):
