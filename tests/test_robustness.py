@@ -60,8 +60,15 @@ CATALOGUE = [
     ("unknown binarize", ["data.binarize=yes"], 2, "data.binarize='yes' is not allowed: use one of none, static, dynamic"),
     ("unknown task", ["task=predict"], 2, "task='predict' is not allowed: use one of train, evaluate, summarize"),
     ("unknown return metric", ["train.return_metric=accuracy"], 2, "train.return_metric='accuracy' is not allowed: use one of test_loss, test_neg_elbo"),
-    ("unknown key (Hydra)", ["train.lr=0.1"], 1, "Could not override 'train.lr'.\nTo append to your config use +train.lr=0.1\nKey 'lr' is not in struct"),
-    ("unknown group option (Hydra)", ["model=transformer"], 1, "Could not find 'model/transformer'\n\nAvailable options in 'model':\n\t"),  # not the list: options get added
+    # Hydra's own composition errors: one line and exit 2 as well (issue 17), the options named (a subset: options get added)
+    ("unknown key (Hydra)", ["train.lr=0.1"], 2, "Could not override 'train.lr'. To append to your config use +train.lr=0.1; Key 'lr' is not in struct"),
+    ("unknown group option (Hydra)", ["model=transformer"], 2, "Could not find 'model/transformer'; Available options in 'model': conv_vae, "),
+    ("override Hydra cannot parse", ["train.epochs=[1"], 2, "cannot parse the override 'train.epochs=[1': no viable alternative"),
+    ("YAML syntax error in a user config", ["--config-dir=USERCONF", "+experiment=broken"], 2,
+     "USERCONF/experiment/broken.yaml, line 3, column 1: not valid YAML (expected ',' or ']'"),
+    ("Optuna storage that is not a database", ["-m", "hydra/sweeper=optuna", "hydra.sweeper.storage=sqlite:///TEXT",
+                                               "hydra.sweeper.n_trials=1", "hydra.sweep.dir=CASE"], 2,
+     "hydra.sweeper.storage=sqlite:///TEXT: TEXT is not an SQLite database"),
     ("evaluate without checkpoint", ["task=evaluate"], 2, "evaluate.checkpoint is not set: pass evaluate.checkpoint=PATH"),
     ("missing checkpoint", ["task=evaluate", "evaluate.checkpoint=MISSING"], 2, "no checkpoint at MISSING: the file does not exist"),
     ("folder without checkpoints", ["task=evaluate", "evaluate.checkpoint=EMPTY"], 2, "EMPTY is a folder without checkpoints"),
@@ -145,6 +152,10 @@ CATALOGUE = [
     ("number as the TensorBoard folder", ["logger=tensorboard", "logger.tensorboard.subdir=5"], 2,
      "logger.tensorboard.subdir=5 is not allowed: use text"),
     ("number as the MLflow store", ["logger=mlflow", "logger.mlflow.tracking_uri=7"], 2, "logger.mlflow.tracking_uri=7 is not allowed: use text"),
+    ("MLflow store that is not a database", ["logger=mlflow", "logger.mlflow.tracking_uri=sqlite:///TEXT"], 2,
+     "logger.mlflow.tracking_uri=sqlite:///TEXT: TEXT is not an SQLite database"),
+    ("MLflow store that is a folder", ["logger=mlflow", "logger.mlflow.tracking_uri=sqlite:///EMPTY"], 2,
+     "logger.mlflow.tracking_uri=sqlite:///EMPTY: EMPTY is a folder"),
     ("unknown MLflow setting", ["logger=mlflow", "+logger.mlflow.colour=red"], 2,
      "logger.mlflow: vae_lab.loggers.MLflowLogger does not accept these settings (got an unexpected keyword argument 'colour')"),
     ("number as the resume path", ["train.resume=5"], 2, "train.resume=5 is not allowed: use a path or null"),
@@ -192,6 +203,7 @@ END_TO_END = {
     "sweep subdir that leaves out the swept key", "sweep subdir by overrides with a repeated value",
     "used sweep directory named with an interpolation",
     "batch size 0", "missing checkpoint", "negative weight decay", "truncated IDX file",
+    "override Hydra cannot parse", "YAML syntax error in a user config", "Optuna storage that is not a database",
 }
 
 
@@ -236,6 +248,9 @@ def files(tmp_path_factory):
     files["SWEEP"].mkdir()
     (files["SWEEP"] / "notes.md").write_text("a sweep's notes\n")
     files["TEXT"].write_text("not a checkpoint\n")
+    files["USERCONF"] = root / "userconf"
+    (files["USERCONF"] / "experiment").mkdir(parents=True)
+    (files["USERCONF"] / "experiment" / "broken.yaml").write_text("model:\n  latent_dim: [3\n")
     files["TRUNCATED"].write_bytes(good.read_bytes()[:5000])
     torch.save({"weights": torch.zeros(3)}, files["FOREIGN"])
     state = load_checkpoint(good)
@@ -303,8 +318,8 @@ def run_in_process(overrides: list[str], run_dir: Path) -> tuple[int, str]:
 def run_end_to_end(overrides: list[str], run_dir: Path) -> tuple[int, str]:
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         overrides = [*overrides, f"hydra.run.dir={run_dir}"]
-    flags = [o for o in overrides if o == "-m"]  # Hydra's flags go before the overrides
-    overrides = [o for o in overrides if o != "-m"]
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m, --config-dir=...) go before the overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
     result = subprocess.run([sys.executable, "run.py", *flags, *TINY, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
     return result.returncode, result.stdout + result.stderr
 

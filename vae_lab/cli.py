@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vae_lab.errors import USER_ERROR_EXIT, ConfigError, VaeLabError, first_line, signal_number, sigterm_as_keyboard_interrupt
-from vae_lab.files import write_atomic
+from vae_lab.files import sqlite_problem, write_atomic
 from vae_lab.layout import RunLayout, SweepLayout
 from vae_lab.options import usable_cores
 from vae_lab.outcome import TaskOutcome, closing_block
@@ -238,6 +238,7 @@ def log_file(path: Path):
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def hydra_main(cfg: DictConfig):
+    _TASK_STARTED.append(True)  # from here on an exception is the task's, not Hydra's composition
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -384,8 +385,12 @@ def _optuna_storage_problem(arguments: list[str]) -> str | None:
     """
     from importlib.metadata import PackageNotFoundError, version
 
-    if not any(a.startswith("hydra.sweeper.storage=") and a.split("=", 1)[1] not in ("", "null") for a in arguments):
+    storage = [a.split("=", 1)[1] for a in arguments if a.startswith("hydra.sweeper.storage=")]
+    if not storage or storage[-1] in ("", "null"):
         return None
+    problem = sqlite_problem(storage[-1], "hydra.sweeper.storage")
+    if problem:
+        return f"error: {problem}"
     try:
         optuna_major, sqlalchemy_major = (int(version(name).split(".")[0]) for name in ("optuna", "sqlalchemy"))
     except PackageNotFoundError:
@@ -414,7 +419,7 @@ def main() -> None:
     os.environ[SWEEP_PROCESS] = str(os.getpid())  # inherited by launchers' job processes, which do not run main()
     with sigterm_as_keyboard_interrupt():
         try:
-            hydra_main()
+            _composed_or_refused(hydra_main)
             finish_distributed()
         except KeyboardInterrupt as interrupt:  # while Hydra starts or composes, or a launcher waits for its jobs
             number = signal_number(interrupt)
@@ -423,6 +428,56 @@ def main() -> None:
                 _stop_sweep(sweep_dir, number)
             print(f"interrupted by {signal.Signals(number).name}; nothing was written over.", file=sys.stderr)
             sys.exit(128 + number)
+
+
+_TASK_STARTED: list[bool] = []
+# Lines of Hydra's composition errors that describe its internals, not the user's mistake.
+HYDRA_NOISE = ("full_key:", "object_type=", "reference_type=", "Config search path:", "provider=", "See https://hydra.cc",
+               "Set the environment variable HYDRA_FULL_ERROR")
+
+
+def _composed_or_refused(run) -> None:
+    """Run Hydra; a mistake Hydra finds while composing (an override it cannot parse, an unknown option or
+    key, a config file it cannot read) ends in one line and exit 2, as vae_lab's own refusals do,
+    instead of Hydra's banner or a YAML traceback. Errors from a task that started propagate as before."""
+    import yaml
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    user_asked = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it finds instead of printing it and exiting 1
+    try:
+        run()
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
+        if _TASK_STARTED or user_asked == "1":
+            raise
+        print(f"error: {composition_error_line(error)}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    finally:
+        if user_asked is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def composition_error_line(error: Exception) -> str:
+    """One line of a Hydra, OmegaConf or YAML error: the file and place for YAML, the options for an unknown one."""
+    import yaml
+
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return (f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({error.problem}). "
+                "Fix the file, or leave it out of the command.")
+    parts: list[str] = [f"cannot parse the override {error.override!r}:"] if getattr(error, "override", None) else []
+    text = str(error) + (f"\n{error.__cause__}" if error.__cause__ is not None else "")  # Hydra prints the cause too
+    for line in (line.strip() for line in text.splitlines()):
+        if line.startswith("Error parsing override") and parts:
+            continue
+        if not line or line.startswith(HYDRA_NOISE) or line in parts:
+            continue
+        options = parts and parts[-1].startswith("Available options in")
+        parts.append(f"{parts.pop()} {line}" if options and parts[-1].endswith(":") else
+                     f"{parts.pop()}, {line}" if options else line)
+    text = " ".join(p if p.endswith((".", ":")) else p + ";" for p in parts).rstrip(";")
+    return f"{text} (python run.py --help lists the groups and options; --cfg job prints every setting)"
 
 
 RESUME_FLAGS = ("resume=true", "resume=True")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -102,7 +103,6 @@ def prepare_arguments(arguments: list[str]) -> list[str]:
 
 
 def finish() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing joined (and --help stays fast)
+    if dist is not None and dist.is_initialized():
         dist.destroy_process_group()

@@ -96,3 +96,27 @@ def is_in_use(temporary: Path) -> bool:
         return False
     except OSError:  # BlockingIOError: a live write holds it; anything else: leave it alone
         return True
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def sqlite_problem(uri: str, setting: str) -> str | None:
+    """What is wrong with the file of a `sqlite:///` store (MLflow's, Optuna's) before a library opens it; None if nothing.
+
+    An absent or empty file is fine (SQLite creates it); anything else must start with SQLite's header.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    fix = "name a new file (SQLite creates it) or the database the store wrote"
+    if path.is_dir():
+        return f"{setting}={uri}: {path} is a folder; {fix}"
+    try:
+        if not path.exists() or path.stat().st_size == 0:
+            return None
+        with path.open("rb") as file:
+            header = file.read(len(SQLITE_HEADER))
+    except OSError as error:
+        return f"{setting}={uri}: {path} cannot be read ({error.strerror}); {fix}"
+    return None if header == SQLITE_HEADER else f"{setting}={uri}: {path} is not an SQLite database; {fix}"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from vae_lab.errors import VaeLabError
-from vae_lab.files import open_append
+from vae_lab.errors import ConfigError, VaeLabError, first_line
+from vae_lab.files import open_append, sqlite_problem
 from vae_lab.layout import RunLayout, folder_in_run
 
 METRIC_COLUMNS = (
@@ -113,13 +113,20 @@ class MLflowLogger:
                 "logger=mlflow needs the mlflow package: pip install -e '.[mlflow]' (or leave it out of logger=[...])"
             ) from None
         run_dir = Path(run_dir)
+        problem = sqlite_problem(tracking_uri, "logger.mlflow.tracking_uri")
+        if problem:
+            raise ConfigError(problem)
         store = _sqlite_folder(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_dir = run_dir
-        found = self.client.get_experiment_by_name(experiment)
-        # A local store keeps its artifacts beside the database, not in the folder the command ran from.
-        artifacts = (store / "artifacts").as_uri() if store is not None else None
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifacts)
+        try:
+            found = self.client.get_experiment_by_name(experiment)
+            # A local store keeps its artifacts beside the database, not in the folder the command ran from.
+            artifacts = (store / "artifacts").as_uri() if store is not None else None
+            experiment_id = found.experiment_id if found else self.client.create_experiment(experiment, artifacts)
+        except Exception as error:  # sqlalchemy's or MLflow's: a damaged, locked or foreign store
+            raise ConfigError(f"logger.mlflow.tracking_uri={tracking_uri}: the MLflow store cannot be opened "
+                              f"({first_line(error)}); point it at a store that MLflow wrote, or at a new file") from None
         tags = {"run_dir": str(run_dir.resolve())}
         sweep_dir = run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None  # Hydra writes it per sweep
         if sweep_dir is not None:
