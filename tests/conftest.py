@@ -81,7 +81,7 @@ def shared_run(tmp_path_factory, *overrides: str) -> Path:
     what they damage, never write into it."""
     import hashlib
 
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     from vae_lab.cli import run_task
 
@@ -89,10 +89,26 @@ def shared_run(tmp_path_factory, *overrides: str) -> Path:
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the folder all workers share
     key = hashlib.sha256("\0".join(overrides).encode()).hexdigest()[:12]
     run = root / f"shared-run-{key}"
-    with FileLock(str(run) + ".lock"):
+    lock = FileLock(str(run) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # another worker is training it: meanwhile load what this worker's own first run needs
+        _warm_up()
+        lock.acquire()
+    try:
         if not (run / "checkpoints" / "last.pt").is_file():
             run_task(compose_config(*overrides), run)
+    finally:
+        lock.release()
     return run
+
+
+def _warm_up() -> None:
+    """The first run in a process pays about 3 s of imports (scikit-learn, and torch._dynamo through Adam)."""
+    import sklearn.model_selection  # noqa: F401
+    import torch
+
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -127,3 +127,20 @@ def test_the_collapse_warning_knows_how_long_the_model_trained(make_cfg, tmp_pat
     with caplog.at_level(logging.INFO, logger="vae_lab"):  # alpha 50: the KL wins, the posterior collapses
         run_task(make_cfg("train.epochs=5", "data.limit=64", "train.alpha=50", "train.evaluate_at_end=true"), tmp_path / "long")
     assert "posterior collapse: only" in caplog.text and "after 5 epochs" in caplog.text
+
+
+def test_a_long_step_off_a_terminal_logs_that_it_is_alive(monkeypatch, caplog):
+    """Off a terminal (run.log, a SLURM job's output) the IW bound says how far it is, about every 30 s."""
+    from vae_lab import engine
+    from vae_lab.model import MLPVAE
+
+    images = torch.rand(6, 1, 28, 28)
+    model = MLPVAE(latent_dim=2, hidden_dim=8)
+    with caplog.at_level(logging.INFO, logger="vae_lab"):
+        importance_weighted_nll(model, images, k=3, batch_size=2, chunk=2)  # 3 passes of 2 images
+    assert not [r for r in caplog.records if "IW bound" in r.getMessage()]  # a quick step stays quiet
+    monkeypatch.setattr(engine, "LOG_EVERY_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="vae_lab"):
+        importance_weighted_nll(model, images, k=3, batch_size=2, chunk=2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("IW bound (k=3): ")]
+    assert [line.split(" after ")[0] for line in lines] == [f"IW bound (k=3): {i} of 3 batches" for i in (1, 2, 3)]

@@ -27,12 +27,13 @@ def test_mse_is_minus_the_summed_squared_error():
     torch.testing.assert_close(SquaredError().log_prob(x, logits), torch.full((2,), -784 * 0.0625))
 
 
-@pytest.mark.parametrize("name", ["bce", "mse", "continuous_bernoulli", "gaussian"])
+@pytest.mark.parametrize("name", ["bce", "mse", "continuous_bernoulli", "gaussian", "gaussian_per_pixel"])
 @pytest.mark.parametrize("pixel", [0.0, 1.0])
 def test_every_likelihood_is_finite_on_black_and_white_images_with_confidently_wrong_logits(name, pixel):
     x = torch.full((4, 1, 28, 28), pixel)
-    logits = torch.full((4, 1, 28, 28), 200.0 if pixel == 0 else -200.0, requires_grad=True)
-    log_p = make_likelihood(name).log_prob(x, logits)
+    likelihood = make_likelihood(name)
+    logits = torch.full((4, likelihood.outputs_per_channel, 28, 28), 200.0 if pixel == 0 else -200.0, requires_grad=True)
+    log_p = likelihood.log_prob(x, logits)
     log_p.sum().backward()
     assert torch.isfinite(log_p).all() and torch.isfinite(logits.grad).all()
 
@@ -61,6 +62,24 @@ def test_the_gaussian_has_a_learned_shared_scale_and_is_a_density():
     x, output = torch.rand(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
     expected = Normal(torch.sigmoid(output), likelihood.log_scale.exp()).log_prob(x).sum((1, 2, 3))
     torch.testing.assert_close(likelihood.log_prob(x, output), expected)
+
+
+def test_the_per_pixel_gaussian_is_normal_with_the_decoders_mean_and_scale_for_each_pixel():
+    from vae_lab.likelihoods import PixelGaussian
+
+    likelihood = PixelGaussian()
+    assert not list(likelihood.parameters()) and likelihood.outputs_per_channel == 2
+    torch.manual_seed(0)
+    x, means, log_scales = torch.rand(3, 2, 4, 5), torch.randn(3, 2, 4, 5), torch.rand(3, 2, 4, 5) * 4 - 3  # inside the clamp
+    output = torch.cat([means, log_scales], dim=1)  # (B, 2C, H, W): the C mean logits, then the C log-scales
+    expected = Normal(torch.sigmoid(means), log_scales.exp()).log_prob(x).sum((1, 2, 3))
+    torch.testing.assert_close(likelihood.log_prob(x, output), expected)
+    torch.testing.assert_close(likelihood.mean(output), torch.sigmoid(means))
+    samples = torch.randn(7, *output.shape)  # importance samples: (k, B, 2C, H, W) against x (B, C, H, W)
+    assert likelihood.log_prob(x, samples).shape == (7, 3)
+    constant = torch.cat([means, torch.full_like(log_scales, -50.0)], dim=1)  # a scale driven to 0 is held at e^-7
+    clamped = Normal(torch.sigmoid(means), math.exp(-7.0)).log_prob(x).sum((1, 2, 3))
+    torch.testing.assert_close(likelihood.log_prob(x, constant), clamped)
 
 
 def test_which_nats_are_a_true_log_likelihood():

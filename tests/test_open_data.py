@@ -335,3 +335,61 @@ def test_shapes_with_the_discretized_logistic_report_bits_per_dimension(tmp_path
     mnist = tmp_path / "mnist"  # the same likelihood on MNIST's intensities (256 levels too), with bce's printout untouched
     run_task(compose_config("loss.reconstruction=discretized_logistic", *RUN, "figures=false", "data.limit=64"), mnist)
     assert "bits_per_dim" in json.loads((mnist / "results" / "metrics.json").read_text())
+
+
+USER_LIKELIHOOD = textwrap.dedent('''
+    import torch
+    from vae_lab.likelihoods import Likelihood
+
+    class Laplace(Likelihood):
+        """A Laplace density around sigmoid(output), of a fixed scale."""
+        name = "laplace"
+
+        def __init__(self, scale: float = 0.1):
+            super().__init__()
+            self.scale = scale
+
+        def log_prob(self, x, output):
+            return -((x - torch.sigmoid(output)).abs() / self.scale + torch.log(torch.tensor(2 * self.scale))).sum((-3, -2, -1))
+
+        def is_true_log_likelihood(self, binary_data, values="8bit"):
+            return True
+''')
+
+
+def test_a_likelihood_is_a_node_with_arguments_and_a_users_own_is_one_class_trusted_by_its_module(tmp_path, monkeypatch):
+    node = "loss.reconstruction={_target_:vae_lab.likelihoods.DiscretizedLogistic,components:2}"
+    shapes = ["data=shapes", "data.train_size=64", "data.test_size=32", "figures=false"]
+    run = tmp_path / "logistic"
+    run_task(compose_config(node, *shapes, *RUN, "figures=false"), run)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["config"]["loss"]["reconstruction"] == {"_target_": "vae_lab.likelihoods.DiscretizedLogistic", "components": 2}
+    last_layer = [v for k, v in state["model"].items() if k.startswith("decoder") and k.endswith("weight")][-1]
+    assert last_layer.shape[1] == 3 * 2 * 3  # ConvTranspose2d (in, out, ...): 3 channels x 2 components x 3 parameters
+    report = json.loads((run / "results" / "metrics.json").read_text())
+    assert report["reconstruction_loss"] == "discretized_logistic" and "bits_per_dim" in report
+    evaluated = tmp_path / "evaluated"  # the checkpoint rebuilds the node's likelihood from its own config
+    run_task(compose_config("task=evaluate", f"evaluate.checkpoint={run}", "evaluate.sample_metrics=false"), evaluated)
+    assert json.loads((evaluated / "results" / "metrics.json").read_text())["neg_elbo"] == pytest.approx(report["neg_elbo"])
+    refusals = {  # the class must be a likelihood, its arguments its own, its module trusted
+        "loss.reconstruction={_target_:vae_lab.priors.NormalPrior}": "which is not a vae_lab.likelihoods.Likelihood class",
+        "loss.reconstruction={_target_:vae_lab.likelihoods.DiscretizedLogistic,levels:3}": "got an unexpected keyword argument 'levels'",
+        "loss.reconstruction={_target_:my_likelihood.Laplace}": "my_likelihood is not a trusted module",
+        "loss.reconstruction={_target_:os.system,command:ls}": "os is not a trusted module",
+    }
+    (tmp_path / "my_likelihood.py").write_text(USER_LIKELIHOOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        for override, message in refusals.items():
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                run_task(compose_config(override, *RUN), tmp_path / "refused")
+        assert "my_likelihood" not in sys.modules and not (tmp_path / "refused" / "checkpoints").exists()
+        mine = tmp_path / "mine"
+        run_task(compose_config("loss.reconstruction={_target_:my_likelihood.Laplace,scale:0.2}", "trusted_modules=[my_likelihood]",
+                                *RUN, "figures=false", "data.limit=64"), mine)
+        report = json.loads((mine / "results" / "metrics.json").read_text())
+        assert report["reconstruction_loss"] == "laplace" and report["true_log_likelihood"] is True
+        with pytest.raises(CheckpointError, match="my_likelihood is not a trusted module"):  # a checkpoint names it too
+            run_task(compose_config("task=evaluate", f"evaluate.checkpoint={mine}"), tmp_path / "untrusted")
+    finally:
+        sys.modules.pop("my_likelihood", None)

@@ -42,7 +42,7 @@ from vae_lab.files import is_in_use, tensors_digest, write_atomic
 from vae_lab.layout import RunLayout
 from vae_lab.loggers import METRIC_COLUMNS
 from vae_lab.runtime import build_vae
-from vae_lab.options import EXPERIMENT_GROUPS, IMAGE_SHAPE, RECORDED_ONLY_GROUPS, VALUE_KINDS, config_entries, is_int, is_number
+from vae_lab.options import BUILT_INSIDE, EXPERIMENT_GROUPS, IMAGE_SHAPE, RECORDED_ONLY_GROUPS, VALUE_KINDS, config_entries, is_int, is_number
 from vae_lab.validate import untrusted_target, validate
 
 log = logging.getLogger(__name__)
@@ -451,7 +451,8 @@ def _check_target_placement(config: dict, path: str | Path) -> None:
     for keys, _, _ in config_entries(config):
         name = keys[-1]
         misplaced = (
-            (name == "_target_" and (len(keys) != 2 or keys[0] not in groups_with_targets))
+            (name == "_target_" and not (len(keys) == 2 and keys[0] in groups_with_targets)
+             and ".".join(map(str, keys[:-1])) not in BUILT_INSIDE)
             or (name == "_partial_" and len(keys) != 2)
             or name in INSTANTIATE_KEYWORDS
         )

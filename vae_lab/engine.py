@@ -6,12 +6,16 @@ free), which is also when the progress bar is refreshed and non-finite losses ar
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
 
 from vae_lab.data import index_batches
+
+log = logging.getLogger(__name__)
 
 EVAL_NOISE_SEED = 0  # evaluation draws the same z for every image, every epoch, every device
 
@@ -98,6 +102,26 @@ def run_epoch(
     else:
         loss, recon, kl = (sums / n).tolist()
     return {"loss": loss, "recon": recon, "kl": kl}
+
+
+# Off a terminal (run.log, a SLURM job's output) a long step logs a line about this often instead of a bar.
+LOG_EVERY_SECONDS = 30.0
+
+
+def progress(iterable, description: str, *, total: int | None = None, unit: str = "batch"):
+    """Iterate with a tqdm bar on a terminal; elsewhere with a log line about every LOG_EVERY_SECONDS, so a
+    step that takes minutes (the IW bound, the feature classifier, the sample metrics) shows it is alive."""
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    bar = tqdm(iterable, desc=description, total=total, leave=False, disable=None, dynamic_ncols=True, unit=unit)
+    started = last = time.perf_counter()
+    with bar:
+        for done, item in enumerate(bar, start=1):
+            yield item
+            now = time.perf_counter()
+            if bar.disable and now - last >= LOG_EVERY_SECONDS:
+                log.info("%s: %d%s %s%s after %.0f s", description, done, f" of {total}" if total else "", unit,
+                         "es" if unit.endswith("ch") else "s", now - started)
+                last = now
 
 
 def _over_processes(values: torch.Tensor, world: int) -> torch.Tensor:

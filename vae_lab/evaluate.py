@@ -278,6 +278,7 @@ def _embedding(mu: torch.Tensor, labels: torch.Tensor, class_names, ev: DictConf
 
         # t-SNE needs fewer neighbours (perplexity, 30 by default) than points: lower it on small sets.
         perplexity = min(30.0, len(points) - 1.0)
+        log.info("t-SNE of %d latent means (one scikit-learn call: no progress until it ends)", len(points))
         points = TSNE(n_components=ev.n_components, perplexity=perplexity, random_state=seed, init="pca").fit_transform(points)
         how, axis = f"t-SNE of the {dims}-D latent means" + (f" (perplexity {perplexity:g})" if perplexity < 30 else ""), "t-SNE"
     if points.shape[1] == 1:  # a 1-D latent: spread the classes along the second axis

@@ -10,6 +10,7 @@ Which of them give "nats" that are a true log-likelihood of the data:
   bce (Bernoulli)            binary data only; on intensities it is a surrogate
   continuous_bernoulli       yes, a normalised density on [0, 1] (Loaiza-Ganem & Cunningham 2019)
   gaussian                   yes, a density with a learned variance, one shared over all pixels
+  gaussian_per_pixel         yes, a density whose variance the decoder gives for every pixel and channel
   mse                        no: squared error, a Gaussian of variance 1/2 less its constant
   discretized_logistic       yes on 8-bit data: a probability for each of the 256 levels, from a
                              mixture of logistics per pixel (Salimans et al. 2017); reported in bits per dimension
@@ -107,6 +108,31 @@ class Gaussian(Likelihood):
         return True
 
 
+class PixelGaussian(Likelihood):
+    """N(x; sigmoid(m), sigma^2) with a mean and a scale for every pixel and channel, both from the decoder:
+    output (..., 2 * C, H, W) = C mean logits, then C log-scales (kept in LOG_SCALE_RANGE, so a pixel that
+    never varies cannot drive its density to infinity)."""
+
+    name = "gaussian_per_pixel"
+    outputs_per_channel = 2
+    LOG_SCALE_RANGE = (-7.0, 2.0)
+
+    def _split(self, output: torch.Tensor):
+        logits, log_scales = output.unflatten(-3, (2, -1)).unbind(-4)
+        return logits, log_scales.clamp(*self.LOG_SCALE_RANGE)
+
+    def log_prob(self, x, output):
+        logits, log_scales = self._split(output)
+        squared = ((x - torch.sigmoid(logits)) * torch.exp(-log_scales)).pow(2)
+        return -(0.5 * squared + log_scales + 0.5 * math.log(2 * math.pi)).sum(PIXEL_DIMS)
+
+    def mean(self, output):
+        return torch.sigmoid(self._split(output)[0])
+
+    def is_true_log_likelihood(self, binary_data, values="8bit"):
+        return True
+
+
 class DiscretizedLogistic(Likelihood):
     """A mixture of `components` logistics per pixel and channel, integrated over each of the 256
     bins of 8-bit data (Salimans et al. 2017, without the coupling between colour channels).
@@ -162,10 +188,14 @@ class DiscretizedLogistic(Likelihood):
         return values == "8bit" and not binary_data
 
 
-LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, SquaredError, ContinuousBernoulli, Gaussian, DiscretizedLogistic)}
+LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, SquaredError, ContinuousBernoulli, Gaussian, PixelGaussian, DiscretizedLogistic)}
 
 
-def make_likelihood(name: str) -> Likelihood:
+def make_likelihood(name: str | Likelihood) -> Likelihood:
+    """A likelihood by name (loss.reconstruction=discretized_logistic), or the one a config node built
+    (loss.reconstruction={_target_: ..., components: 10}, which Hydra instantiates first)."""
+    if isinstance(name, Likelihood):
+        return name
     if name not in LIKELIHOODS:
         raise ValueError(f"unknown reconstruction {name!r}; choose one of {tuple(LIKELIHOODS)}")
     return LIKELIHOODS[name]()

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from vae_lab.engine import progress
+
 # Decoder evaluations per forward pass of the IW bound (images x samples), on any k:
 # on the CPU small passes stay in cache (256 ConvVAE decodings: ~15 MB of
 # activations); on a GPU large ones fill the device (16,384: ~1 GB).
@@ -83,7 +85,7 @@ def importance_weighted_nll(model, images: torch.Tensor, k: int, *, batch_size: 
     total = 0.0
     images_per_pass = max(1, min(batch_size, chunk))
     with model.prior_frozen():
-        for x in images.split(images_per_pass):  # (B, C, H, W)
+        for x in progress(images.split(images_per_pass), f"IW bound (k={k})"):  # (B, C, H, W)
             total += _iw_log_ratio_sum(model, x, k, chunk, generator)
     return total / len(images)
 

@@ -24,7 +24,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from vae_lab.errors import ConfigError
-from vae_lab.likelihoods import make_likelihood
+from vae_lab.likelihoods import Likelihood, make_likelihood
 from vae_lab.posteriors import log_diagonal_normal
 
 
@@ -46,9 +46,9 @@ class Objective:
     samples = 1  # latent samples per image per step
     min_batch = 1  # the fewest images per training batch the objective means anything for (the config check reads it)
 
-    def __init__(self, reconstruction: str = "bce"):
-        self.reconstruction = reconstruction
+    def __init__(self, reconstruction: str | Likelihood = "bce"):
         self.likelihood = make_likelihood(reconstruction)
+        self.reconstruction = self.likelihood.name or type(self.likelihood).__name__  # what reports call it
         self.kl_scale = 1.0
 
     def noise_shape(self, latent_dim: int) -> tuple[int, ...]:
@@ -108,7 +108,7 @@ class ELBO(Objective):
     (free_bits * latent_dim), since the KL does not split by dimension.
     """
 
-    def __init__(self, reconstruction: str = "bce", alpha: float = 1.0, free_bits: float = 0.0):
+    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: float = 1.0, free_bits: float = 0.0):
         super().__init__(reconstruction)
         if alpha < 0 or free_bits < 0:
             raise ValueError(f"alpha and free_bits must be >= 0, got {alpha} and {free_bits}")
@@ -139,7 +139,7 @@ class IWAE(Objective):
     The reported recon and kl are the ELBO's, averaged over the k samples.
     """
 
-    def __init__(self, reconstruction: str = "bce", k: int = 5):
+    def __init__(self, reconstruction: str | Likelihood = "bce", k: int = 5):
         super().__init__(reconstruction)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -183,7 +183,7 @@ class BetaTCVAE(Objective):
 
     min_batch = 2
 
-    def __init__(self, reconstruction: str = "bce", alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
+    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
                  estimator: Literal["mss", "mws"] = "mss"):
         super().__init__(reconstruction)
         self._check_weights(alpha=alpha, beta=beta, gamma=gamma)
@@ -254,7 +254,7 @@ class FactorVAE(Objective):
 
     min_batch = 2  # no permutation of one code
 
-    def __init__(self, reconstruction: str = "bce", gamma: float = 10.0, discriminator_hidden: int = 256,
+    def __init__(self, reconstruction: str | Likelihood = "bce", gamma: float = 10.0, discriminator_hidden: int = 256,
                  discriminator_layers: int = 3, discriminator_lr: float = 1e-4):
         super().__init__(reconstruction)
         self._check_weights(gamma=gamma)
@@ -328,7 +328,7 @@ class DIPVAE(Objective):
         if self.dip_type == "ii":  # type i reads the posterior means only, which every posterior has
             self._needs_gaussian_posterior(model, "loss=dip_vae with dip_type=ii")
 
-    def __init__(self, reconstruction: str = "bce", lambda_od: float = 10.0, lambda_d: float = 100.0,
+    def __init__(self, reconstruction: str | Likelihood = "bce", lambda_od: float = 10.0, lambda_d: float = 100.0,
                  dip_type: Literal["i", "ii"] = "i"):
         super().__init__(reconstruction)
         self._check_weights(lambda_od=lambda_od, lambda_d=lambda_d)

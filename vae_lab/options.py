@@ -16,7 +16,7 @@ DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
 BINARIZE = ("none", "static", "dynamic")
 # What an image's pixels are, before any binarization: 0/1, 256 levels scaled to [0, 1], or any value in [0, 1].
 VALUE_KINDS = ("binary", "8bit", "continuous")
-RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian", "discretized_logistic")
+RECONSTRUCTIONS = ("bce", "mse", "continuous_bernoulli", "gaussian", "gaussian_per_pixel", "discretized_logistic")
 EMBEDDINGS = ("pca", "tsne")
 N_COMPONENTS = (2, 3)
 RETURN_METRICS = ("test_loss", "test_neg_elbo")
@@ -52,6 +52,9 @@ GROUP_BASES = {
     "scheduler": ("torch.optim.lr_scheduler", "LRScheduler"),
     "logger": ("vae_lab.loggers", "Loggers"),
 }
+# Settings inside a group that may also be a node of their own (`_target_` and arguments) instead of a
+# name: where it stands, and the class it must be. The trust check and the checkpoint's config read this.
+BUILT_INSIDE = {"loss.reconstruction": ("vae_lab.likelihoods", "Likelihood")}
 # Where the run logged is not part of the experiment: a checkpoint records it, never builds it.
 RECORDED_ONLY_GROUPS = ("logger",)
 # Built together, as runtime.build_vae builds them (the prior gets the model's latent size, the

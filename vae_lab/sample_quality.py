@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vae_lab.data import ImageData, index_batches
+from vae_lab.engine import progress
 from vae_lab.files import tensors_digest, write_atomic
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, classes: int, d
     steps = CLASSIFIER_EPOCHS * -(-len(images) // CLASSIFIER_BATCH_SIZE)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=CLASSIFIER_LR, total_steps=steps)
     generator = torch.Generator().manual_seed(CLASSIFIER_SEED)
-    for _ in range(CLASSIFIER_EPOCHS):
+    for _ in progress(range(CLASSIFIER_EPOCHS), "feature classifier", unit="epoch"):
         for batch in index_batches(len(images), CLASSIFIER_BATCH_SIZE, generator=generator, device=device):
             loss = nn.functional.cross_entropy(network(images[batch]), labels[batch])
             optimizer.zero_grad(set_to_none=True)
@@ -132,7 +133,7 @@ def classifier_accuracy(network: FeatureClassifier, images: torch.Tensor, labels
 def features_and_classes(network: FeatureClassifier, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features (N, FEATURES) on the CPU and predicted classes (N,) of images in [0, 1]."""
     features, classes = [], []
-    for batch in images.split(batch_size):
+    for batch in progress(images.split(batch_size), "classifier features"):
         h = network.features(batch)
         features.append(h.float().cpu())
         classes.append(network.head(h).argmax(1).cpu())

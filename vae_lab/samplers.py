@@ -9,9 +9,13 @@ the training images, which follows the codes where the encoder actually put them
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from vae_lab.options import SAMPLERS
+
+log = logging.getLogger(__name__)
 
 
 class SamplerUnavailable(Exception):
@@ -60,7 +64,8 @@ class GaussianMixtureSampler:
             raise SamplerUnavailable(
                 f"{count} full {dims} x {dims} covariances need about {needed / 2**30:.1f} GiB "
                 f"(the limit is {MAX_MIXTURE_BYTES / 2**30:.0f} GiB): lower evaluate.gmm_components or model.latent_dim")
-        self.mixture = GaussianMixture(n_components=min(components, len(train_means)), covariance_type="full", random_state=seed)
+        log.info("fitting the gmm sampler: %d full-covariance components to %d training codes", count, len(train_means))
+        self.mixture = GaussianMixture(n_components=count, covariance_type="full", random_state=seed)
         self.mixture.fit(train_means.detach().cpu().double().numpy())
 
     def latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
-    BUILT_WITH_MODEL, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
+    BUILT_INSIDE, BUILT_WITH_MODEL, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
     SAMPLERS, SEED_RANGE, SETTINGS, TASKS, RunSettings, config_entries, in_package, is_int, is_number, usable_cores,
 )
 
@@ -86,7 +86,8 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
     for key in ("train.kl_warmup_epochs", "model.blocks"):
         _check(cfg, key, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a whole number >= 0")
     _check(cfg, "loss.free_bits", lambda v: is_number(v) and v >= 0, "a number of nats >= 0 (0 = off)")
-    _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
+    if not isinstance(OmegaConf.select(cfg, "loss.reconstruction"), DictConfig):  # a node: its class is checked as a build place
+        _one_of(cfg, "loss.reconstruction", RECONSTRUCTIONS)
     _one_of(cfg, "train.return_metric", RETURN_METRICS)
     _one_of(cfg, "evaluate.n_components", N_COMPONENTS)
     _one_of(cfg, "evaluate.embedding", EMBEDDINGS)
@@ -145,14 +146,15 @@ def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = Non
                 return f"{where} names no class to build ({target!r})"
             return (f"{where} is built by {target!r}, and {module_name} is not a trusted module "
                     "(trusted: vae_lab's own package, torch.optim and the packages you list in trusted_modules=[...])")
-        if where not in GROUP_BASES and not in_package(module_name, trusted_modules):
+        if where not in GROUP_BASES and where not in BUILT_INSIDE and not in_package(module_name, trusted_modules):
             # vae_lab's own functions are trusted as the groups' classes, not as anything a config may call.
             return (f"{where} is built by {target!r}: outside the groups vae_lab builds ({', '.join(GROUP_BASES)}), "
                     "a config may name only the packages you list in trusted_modules=[...]")
     groups = config if groups is None else groups
-    for group, node in groups.items():
-        if group not in GROUP_BASES or (node is None and group in optional):
-            continue
+    places = [(group, node, GROUP_BASES[group]) for group, node in groups.items()
+              if group in GROUP_BASES and not (node is None and group in optional)]
+    places += [(where, {"_target_": target}, BUILT_INSIDE[where]) for where, target in _targets(config) if where in BUILT_INSIDE]
+    for group, node, (base_module, base_name) in places:
         target = node.get("_target_") if isinstance(node, dict) else None
         if not isinstance(target, str) or "." not in target:
             return f"{group} names no class to build ({target!r})"
@@ -160,7 +162,6 @@ def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = Non
             found = _import_target(target)
         except (ImportError, AttributeError, ValueError) as error:
             return f"{group}._target_={target!r} cannot be imported ({error}): check the module and name"
-        base_module, base_name = GROUP_BASES[group]
         base = getattr(importlib.import_module(base_module), base_name)
         if not _builds(found, base):
             kind = " loader" if group == "data" else " class"
