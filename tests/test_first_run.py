@@ -11,13 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from setuptools import find_packages
 
 import vae_lab.engine as engine
+import vae_lab.train as train_task
 from conftest import REPO, assert_png, read_metrics
 from vae_lab.data import load_dataset
+from vae_lab.layout import RUN_ENTRIES, RunLayout
 from vae_lab.model import MLPVAE
 from vae_lab.objectives import ELBO
+from vae_lab.outcome import FACTOR_FIGURES, REFERENCE_FIGURES, closing_block, training_outcome
 
 # What runs and builds leave at the top of a checkout (conf/data/ is source: only the top level is skipped).
 NOT_SOURCE_AT_TOP = {".git", ".venv", "outputs", "multirun", "data", "build", "dist", ".pytest_cache"}
@@ -120,6 +124,64 @@ def test_the_readme_links_stay_inside_the_repository():
     local = [link for link in links if "://" not in link]
     assert "docs/reference.md" in local
     assert all((REPO / link).exists() for link in local), [link for link in local if not (REPO / link).exists()]
+
+
+def readme_run_files(readme: str) -> set[str]:
+    """What the README says a run writes, relative to its run directory: every checkpoints/,
+    progress/ or results/ file it names, and each entry of its run-directory tree (bare names on
+    a line belong to that line's folder; `<N>`, `<epoch>` stand for a number)."""
+    names = set(re.findall(r"\b(?:checkpoints|progress|results)/[\w<>]+\.(?:png|pt|json|csv)\b", readme))
+    tree = readme.split("outputs/<date>/<time>/\n", 1)[1].split("```", 1)[0]
+    for line in tree.splitlines():
+        entries = re.split(r"\s{3,}", line.strip())[0]  # what follows a wide gap is the description
+        found = re.findall(r"[\w<>/]+\.(?:png|pt|json|csv|log)\b|[\w.]+/", entries)
+        if not found:
+            continue
+        folder = found[0].split("/")[0] + "/" if "/" in found[0].rstrip("/") else ""
+        names |= {name if "/" in name else folder + name for name in found}
+    return names
+
+
+def test_the_files_the_readme_says_a_run_writes_are_the_layouts_names(tmp_path, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    named = readme_run_files(readme)
+    assert {"checkpoints/last.pt", "results/metrics.json", "progress/loss_curves.png"} <= named, named  # the parser found them
+    epochs = {int(number) for name in named for number in re.findall(r"_(\d+)\.", name)} | {7}
+    layout = RunLayout(tmp_path)
+    layout.progress.mkdir()
+    model = MLPVAE(latent_dim=2)
+    for epoch in epochs:  # the progress images as training draws them: train.py spells their names
+        train_task._progress_images(model, torch.rand(4, 1, 28, 28), layout.progress, epoch,
+                                    OmegaConf.create({"evaluate": {"images_per_row": 2}}), NoLogger())
+    relative = RunLayout(Path())
+    written = {str(path.relative_to(tmp_path)) for path in layout.progress.iterdir()}
+    written |= {*RUN_ENTRIES, *(str(relative.epoch_checkpoint(epoch)) for epoch in epochs),
+                str(relative.last_checkpoint), str(relative.loss_curves), str(relative.report), str(relative.metrics_csv),
+                *(str(relative.results / name) for name in (*REFERENCE_FIGURES, *FACTOR_FIGURES))}
+    patterns = {name: "".join(r"\d+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<\w+>)", name.rstrip("/")))
+                for name in named}
+    unknown = sorted(name for name, pattern in patterns.items() if not any(re.fullmatch(pattern, path) for path in written))
+    assert not unknown, f"the README names files a run does not write: {unknown}"
+
+    # The closing block of the quick check is what the framework prints for a run holding what it names.
+    block = readme.split("```\nrun directory: ", 1)[1].split("\n```", 1)[0].splitlines()
+    run_dir = Path(block[0])
+    for name in block[1].split("open next: ", 1)[1].split():
+        (tmp_path / run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / run_dir / name).touch()
+    headline = re.fullmatch(r"  test -ELBO ([\d.]+) nats  \|  IW bound \(k=(\d+)\) ([\d.]+) nats  \|  active units (\d+)/(\d+)", block[2])
+    assert headline, block[2]
+    neg_elbo, k, iw_nll, active, latent = headline.groups()
+    report = {"neg_elbo": float(neg_elbo), "iw_samples": int(k), "iw_nll": float(iw_nll),
+              "active_units": int(active), "latent_dim": int(latent)}
+    monkeypatch.chdir(tmp_path)
+    printed = closing_block(training_outcome(run_dir, 0.0, {}, report))
+    assert printed.splitlines() == [f"run directory: {block[0]}", *block[1:]], printed
+
+
+class NoLogger:
+    def log_images(self, tag, grid, epoch):
+        pass
 
 
 def test_an_interrupt_closes_the_progress_bar_before_the_message(monkeypatch):
