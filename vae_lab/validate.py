@@ -153,8 +153,12 @@ def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = Non
     groups = config if groups is None else groups
     places = [(group, node, GROUP_BASES[group]) for group, node in groups.items()
               if group in GROUP_BASES and not (node is None and group in optional)]
-    places += [(where, {"_target_": target}, BUILT_INSIDE[where]) for where, target in _targets(config) if where in BUILT_INSIDE]
-    for group, node, (base_module, base_name) in places:
+    inside = [(where, _node_at(config, where), BUILT_INSIDE[where]) for where, _ in _targets(config) if where in BUILT_INSIDE]
+    for where, node, _ in inside:
+        keyword = next((key for key in node if str(key).startswith("_") and key != "_target_"), None)
+        if keyword is not None:  # Hydra would build it differently (a partial, positional arguments): never what it means here
+            return f"{where}: {keyword} is not allowed in a node a config builds inside a group; give the class and its arguments"
+    for group, node, (base_module, base_name) in places + inside:
         target = node.get("_target_") if isinstance(node, dict) else None
         if not isinstance(target, str) or "." not in target:
             return f"{group} names no class to build ({target!r})"
@@ -167,6 +171,12 @@ def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = Non
             kind = " loader" if group == "data" else " class"
             return f"{group} is built by {target!r}, which is not a {base_module}.{base_name}{kind}"
     return None
+
+
+def _node_at(config: dict, where: str) -> dict:
+    for key in where.split("."):
+        config = config[key]
+    return config
 
 
 def _targets(config: dict) -> list[tuple[str, object]]:
@@ -349,8 +359,8 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
             def build_model():
                 return build_vae(cfg.model, cfg.prior, cfg.loss, image_shape, cfg.get("posterior"))
 
-            _refuse_absurd_size(cfg, build_model, torch)
-            _refuse_absurd_step(cfg, image_shape, torch)
+            outputs = _refuse_absurd_size(cfg, build_model, torch)
+            _refuse_absurd_step(cfg, image_shape, torch, outputs)
             model, objective = attempt(cfg, "model", build_model)
             attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
             batch = OmegaConf.select(cfg, "train.batch_size")
@@ -395,8 +405,9 @@ def attempt(cfg: DictConfig, group: str, action: Callable):
                           f"{text}. Fix {group}: {settings}") from None
 
 
-def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
-    """Count the model's parameters on the meta device (nothing allocated) against the machine's memory."""
+def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> int:
+    """Count the model's parameters on the meta device (nothing allocated) against the machine's memory.
+    Returns the decoder's outputs per pixel and channel (the likelihood's), for the step's size."""
     try:
         with torch.device("meta"):
             model, objective = build_model()
@@ -408,8 +419,9 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
         # the groups whose parameters count: the user shrinks one of them
         parts = [group for group, module in (("prior", getattr(model, "prior", None)), ("posterior", getattr(model, "posterior_flow", None)))
                  if isinstance(module, torch.nn.Module) and any(True for _ in module.parameters())] + (["loss"] if own else [])
+        outputs = int(getattr(getattr(model, "likelihood", None), "outputs_per_channel", 1))
     except Exception:
-        return  # a model that cannot be built on meta: the CPU build reports real errors
+        return 1  # a model that cannot be built on meta: the CPU build reports real errors
     device = _training_device(cfg, torch)
     needed, available = count * TRAINING_BYTES_PER_PARAMETER, _memory_bytes(device, torch)
     where = "GPU memory" if device.startswith("cuda") and torch.cuda.is_available() else "memory"
@@ -420,6 +432,7 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
             f"this machine has {available / 2**30:,.0f} GiB of {where}. "
             f"Use smaller model.*{''.join(f', {group}.*' for group in parts)} sizes."
         )
+    return outputs
 
 
 # A training step keeps every layer's activations for the backward pass: for the decoders here
@@ -427,20 +440,23 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> None:
 ACTIVATION_FLOATS_PER_PIXEL = 16
 
 
-def _refuse_absurd_step(cfg: DictConfig, image_shape, torch) -> None:
-    """A training step decodes train.batch_size x loss.k images (IWAE's samples are not chunked):
-    refuse, before any work, a step whose activations cannot fit in memory."""
+def _refuse_absurd_step(cfg: DictConfig, image_shape, torch, outputs: int = 1) -> None:
+    """A training step decodes train.batch_size x loss.k images (IWAE's samples are not chunked), each to
+    `outputs` values per pixel and channel (the likelihood's): refuse, before any work, a step whose
+    activations cannot fit in memory."""
     samples = OmegaConf.select(cfg, "loss.k", default=1)
     batch = OmegaConf.select(cfg, "train.batch_size", default=1)
     if not (is_int(samples) and is_int(batch)):
         return
-    pixels = math.prod(image_shape)
-    needed, available = samples * batch * pixels * 4 * ACTIVATION_FLOATS_PER_PIXEL, _memory_bytes(_training_device(cfg, torch), torch)
+    pixels = math.prod(image_shape) * (ACTIVATION_FLOATS_PER_PIXEL + outputs)
+    needed, available = samples * batch * pixels * 4, _memory_bytes(_training_device(cfg, torch), torch)
     if needed > available / 2:
+        per_pixel = f", {outputs:,} decoder outputs per pixel for loss.reconstruction" if outputs > 1 else ""
+        images = (f"loss.k={samples} importance samples x train.batch_size={batch} images decode {samples * batch:,} images"
+                  if OmegaConf.select(cfg, "loss.k") is not None else f"train.batch_size={batch} images decode {batch:,} images")
         raise ConfigError(
-            f"loss.k={samples} importance samples x train.batch_size={batch} images decode {samples * batch:,} images per "
-            f"training step, about {needed / 2**30:,.0f} GiB of activations; this machine has {available / 2**30:,.0f} GiB. "
-            "Lower loss.k or train.batch_size."
+            f"{images} per training step{per_pixel}, about {needed / 2**30:,.0f} GiB of activations; this machine has "
+            f"{available / 2**30:,.0f} GiB. Lower loss.k or train.batch_size{' or the likelihood size' if outputs > 1 else ''}."
         )
 
 
