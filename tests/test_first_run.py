@@ -150,8 +150,8 @@ def test_the_files_the_readme_says_a_run_writes_are_the_layouts_names(tmp_path, 
     layout = RunLayout(tmp_path)
     layout.progress.mkdir()
     model = MLPVAE(latent_dim=2)
-    for epoch in epochs:  # the progress images as training draws them: train.py spells their names
-        train_task._progress_images(model, torch.rand(4, 1, 28, 28), layout.progress, epoch,
+    for epoch in epochs:  # the progress images as training draws them (names: RunLayout.progress_image)
+        train_task._progress_images(model, torch.rand(4, 1, 28, 28), layout, epoch,
                                     OmegaConf.create({"evaluate": {"images_per_row": 2}}), NoLogger())
     relative = RunLayout(Path())
     written = {str(path.relative_to(tmp_path)) for path in layout.progress.iterdir()}

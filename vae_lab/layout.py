@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 LOCK_FILE = ".vae_lab.lock"
+PROGRESS_IMAGES = ("reconstruction", "samples")  # drawn every train.plot_every epochs, and at the last
 REPORT_FILE = "metrics.json"  # the evaluation's report, in results/ (or wherever an evaluation writes)
 
 
@@ -54,6 +55,10 @@ class RunLayout:
     @property
     def progress(self) -> Path:
         return self.root / "progress"
+
+    def progress_image(self, kind: str, epoch: int) -> Path:
+        """progress/<kind>_<epoch, 4 digits>.png, kind one of PROGRESS_IMAGES."""
+        return self.progress / f"{kind}_{epoch:04d}.png"
 
     @property
     def loss_curves(self) -> Path:

@@ -155,7 +155,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
                 if main and (epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs):
                     save_checkpoint(state(epoch), layout.epoch_checkpoint(epoch))
                 if main and figures and (epoch % cfg.train.plot_every == 0 or epoch == cfg.train.epochs):
-                    _progress_images(model, progress_images, layout.progress, epoch, cfg, logger)
+                    _progress_images(model, progress_images, layout, epoch, cfg, logger)
             if main and figures:
                 plots.loss_curves(history, layout.loss_curves)
         trained = True
@@ -483,16 +483,16 @@ PROGRESS_SAMPLE_SEED = 0  # every progress figure decodes the same prior draw, s
 
 
 @torch.no_grad()
-def _progress_images(model, images: torch.Tensor, folder: Path, epoch: int, cfg: DictConfig, logger) -> None:
+def _progress_images(model, images: torch.Tensor, layout: RunLayout, epoch: int, cfg: DictConfig, logger) -> None:
     model.eval()
     per_row = min(cfg.evaluate.images_per_row, len(images))  # a test split smaller than a row
     with model.prior_frozen():
         reconstruction = plots.reconstruction_grid(
-            images, model.reconstruct(images), folder / f"reconstruction_{epoch:04d}.png", per_row=per_row,
+            images, model.reconstruct(images), layout.progress_image("reconstruction", epoch), per_row=per_row,
             title=f"Reconstructions after epoch {epoch} (odd rows: originals, even rows: reconstructions)",
         )
         samples = model.sample(len(images), generator=torch.Generator().manual_seed(PROGRESS_SAMPLE_SEED))
-    grid = plots.image_grid(samples, folder / f"samples_{epoch:04d}.png", nrow=per_row,
+    grid = plots.image_grid(samples, layout.progress_image("samples", epoch), nrow=per_row,
                             title=f"Samples from the prior after epoch {epoch}")
     logger.log_images("reconstruction", reconstruction, epoch)
     logger.log_images("samples", grid, epoch)
