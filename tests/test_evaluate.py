@@ -53,6 +53,7 @@ def test_round_trip_gives_back_the_last_test_loss(make_cfg, trained, tmp_path):
     assert stat.S_IMODE((tmp_path / "results").stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
 
 
+@pytest.mark.slow  # the bound's ordering in k is also checked fast against closed forms (test_objectives, test_posteriors)
 def test_iw_bound_is_below_the_elbo_and_tightens_with_k(trained):
     state = load_checkpoint(trained / "checkpoints" / "last.pt")
     model = ConvVAE(latent_dim=4)
@@ -88,7 +89,7 @@ def test_active_units_on_a_constructed_case():
 @pytest.mark.parametrize("overrides, latent_dim", [
     (["model=mlp_vae", "model.latent_dim=2"], 2),  # drawn as it is; traversal over the prior's quantiles
     pytest.param(["evaluate.n_components=3", "evaluate.embedding=tsne"], 16, marks=pytest.mark.slow),  # 3-D t-SNE (3 s); interpolations
-    (["model.latent_dim=1", "data.binarize=dynamic"], 1),
+    pytest.param(["model.latent_dim=1", "data.binarize=dynamic"], 1, marks=pytest.mark.slow),
 ])
 def test_figures_for_every_latent_shape(make_cfg, tmp_path, overrides, latent_dim):
     run_task(make_cfg("train.epochs=1", "data.limit=128", "train.evaluate_at_end=true", "figures=true", *overrides), tmp_path)

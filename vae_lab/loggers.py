@@ -106,6 +106,9 @@ class MLflowLogger:
     """
 
     def __init__(self, run_dir: Path, tracking_uri: str, experiment: str = "vae_lab"):
+        problem = sqlite_problem(tracking_uri, "logger.mlflow.tracking_uri")
+        if problem:
+            raise ConfigError(problem)
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
@@ -113,9 +116,6 @@ class MLflowLogger:
                 "logger=mlflow needs the mlflow package: pip install -e '.[mlflow]' (or leave it out of logger=[...])"
             ) from None
         run_dir = Path(run_dir)
-        problem = sqlite_problem(tracking_uri, "logger.mlflow.tracking_uri")
-        if problem:
-            raise ConfigError(problem)
         store = _sqlite_folder(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_dir = run_dir
