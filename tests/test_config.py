@@ -5,6 +5,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import DATA_ROOT, needs_full_data
 from vae_lab.cli import CONFIG_DIR
@@ -96,3 +97,18 @@ def test_torchvision_data_options_build(make_cfg, option):
     data = instantiate(make_cfg(f"data={option}", f"data.root={DATA_ROOT}", "data.limit=100").data)
     assert data.name == option and not data.fallback
     assert data.train_images.shape == (100, 1, 28, 28) and data.test_labels.shape == (100,)
+
+
+def test_the_light_evaluation_is_the_full_one_with_less_sampling_and_the_sweep_recipes_use_it():
+    def evaluate_settings(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)).evaluate)
+
+    full, light = evaluate_settings(), evaluate_settings("evaluate=light")
+    assert full == evaluate_settings("evaluate=full") and full["iw_samples"] == 100 and full["sample_metrics"] is True
+    assert {key for key in full if full[key] != light[key]} == {
+        "iw_samples", "iw_limit", "embedding_points", "samplers", "sample_metrics", "disentanglement_codes"}
+    assert light["iw_samples"] < full["iw_samples"] and light["sample_metrics"] is False and light["samplers"] == ["prior"]
+    assert evaluate_settings("evaluate=light", "evaluate.iw_samples=50")["iw_samples"] == 50  # any key still set alone
+    for recipe in ("alpha_latent_sweep", "optuna_search"):
+        assert evaluate_settings(f"experiment={recipe}") == light, recipe
