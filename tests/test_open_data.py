@@ -393,3 +393,88 @@ def test_a_likelihood_is_a_node_with_arguments_and_a_users_own_is_one_class_trus
             run_task(compose_config("task=evaluate", f"evaluate.checkpoint={mine}"), tmp_path / "untrusted")
     finally:
         sys.modules.pop("my_likelihood", None)
+
+
+# --- data=cifar10 | svhn | celeba: torchvision's classes over files under data.root -------------------
+
+from conftest import DATA_ROOT  # noqa: E402
+
+TORCHVISION_FILES = {"cifar10": "cifar-10-batches-py/test_batch", "svhn": "svhn/test_32x32.mat", "celeba": "celeba/img_align_celeba"}
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn", "celeba"])
+def test_a_torchvision_set_without_its_files_names_the_folder_to_put_them_in(tmp_path, name):
+    folder = {"cifar10": "cifar-10-batches-py", "svhn": "svhn", "celeba": "celeba"}[name]
+    with pytest.raises(DataNotFoundError, match=re.escape(f"data={name}: not found, or damaged")) as error:
+        run_task(compose_config(f"data={name}", f"data.root={tmp_path}", *RUN), tmp_path / "run")
+    assert f"under {tmp_path / folder}: put " in str(error.value) and "download=True" not in str(error.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class FakeCIFAR10:
+    """torchvision.datasets.CIFAR10's attributes as its reader leaves them: data (N, 32, 32, 3) uint8, targets a list."""
+
+    def __init__(self, root, train=True, download=False):
+        assert not download
+        generator = torch.Generator().manual_seed(int(train))
+        self.data = torch.randint(0, 256, (96 if train else 40, 32, 32, 3), generator=generator, dtype=torch.uint8).numpy()
+        self.targets = [i % 10 for i in range(len(self.data))]
+
+
+class FakeSVHN:
+    """torchvision.datasets.SVHN's attributes: data (N, 3, 32, 32) uint8, labels 0..9 as a numpy array."""
+
+    def __init__(self, root, split="train", download=False):
+        assert not download and split in ("train", "test")
+        self.data = np.full((20, 3, 32, 32), 255, dtype=np.uint8)
+        self.labels = np.arange(20) % 10
+
+
+class FakeCelebA:
+    """torchvision.datasets.CelebA's items: (a 178 x 218 PIL image, the target: None for target_type=[])."""
+
+    def __init__(self, root, split="train", target_type=(), download=False):
+        assert target_type == [] and not download
+        self.count = 12 if split == "train" else 6
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        pixels = np.zeros((218, 178, 3), dtype=np.uint8)
+        pixels[:, :, index % 3] = 255  # one colour per image: the crop and resize keep it
+        return Image.fromarray(pixels), None
+
+
+def test_the_cifar10_svhn_and_celeba_readers_give_colour_images_in_0_1_with_their_classes_and_train(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    from vae_lab.data.torchvision_sets import load_torchvision_set
+
+    monkeypatch.setattr(datasets, "CIFAR10", FakeCIFAR10)
+    monkeypatch.setattr(datasets, "CelebA", FakeCelebA)
+    monkeypatch.setattr(datasets, "SVHN", FakeSVHN)
+    digits = load_torchvision_set("svhn", tmp_path)
+    assert digits.image_shape == (3, 32, 32) and digits.train_images.min() == 1.0 and digits.class_names[:2] == ("0", "1")
+    cifar = load_torchvision_set("cifar10", tmp_path, limit=50)
+    expected = torch.from_numpy(FakeCIFAR10(tmp_path, train=True).data[:50]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(cifar.train_images, expected) and cifar.image_shape == (3, 32, 32) and len(cifar.test_images) == 40
+    assert cifar.train_labels.tolist() == [i % 10 for i in range(50)] and cifar.class_names[0] == "airplane"
+    faces = load_torchvision_set("celeba", tmp_path, image_size=16, limit=5)
+    assert faces.image_shape == (3, 16, 16) and len(faces.train_images) == 5 and not faces.labelled
+    assert torch.equal(faces.train_images[1].amax((1, 2)), torch.tensor([0.0, 1.0, 0.0]))  # the green face stays green
+    run = tmp_path / "run"
+    run_task(compose_config("data=cifar10", f"data.root={tmp_path}", *RUN, "figures=false"), run)
+    report = json.loads((run / "results" / "metrics.json").read_text())
+    assert report["data"] == "cifar10" and report["image_shape"] == [3, 32, 32] and report["test_images"] == 40
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn", "celeba"])
+def test_a_torchvision_set_whose_files_are_here_loads(name):
+    if not (DATA_ROOT / TORCHVISION_FILES[name]).exists():
+        pytest.skip(f"{name}: no {TORCHVISION_FILES[name]} under {DATA_ROOT} (this machine has none, and nothing downloads); "
+                    "the readers are checked on torchvision's objects above")
+    from vae_lab.data.torchvision_sets import load_torchvision_set
+
+    data = load_torchvision_set(name, DATA_ROOT, limit=8)
+    assert data.train_images.shape[1] == 3 and 0 <= data.train_images.min() <= data.train_images.max() <= 1
