@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_png, compose_config
+from conftest import assert_png, compose_config, read_metrics
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.data import DataCorruptError, DataNotFoundError
@@ -332,6 +332,8 @@ def test_shapes_with_the_discretized_logistic_report_bits_per_dimension(tmp_path
     assert report["bits_per_dim"] == pytest.approx(report["neg_elbo"] / (3 * 32 * 32 * np.log(2)))
     assert report["iw_bits_per_dim"] == pytest.approx(report["iw_nll"] / (3 * 32 * 32 * np.log(2)))
     assert 0 < report["iw_bits_per_dim"] <= report["bits_per_dim"] + 1e-3 < 8.5  # at most about a uniform model's 8 bits
+    last = read_metrics(run)[-1]  # metrics.csv gives the same number for the test -ELBO every epoch
+    assert float(last["test_bits_per_dim"]) == pytest.approx((float(last["test_recon"]) + float(last["test_kl"])) / (3 * 32 * 32 * np.log(2)))
     mnist = tmp_path / "mnist"  # the same likelihood on MNIST's intensities (256 levels too), with bce's printout untouched
     run_task(compose_config("loss.reconstruction=discretized_logistic", *RUN, "figures=false", "data.limit=64"), mnist)
     assert "bits_per_dim" in json.loads((mnist / "results" / "metrics.json").read_text())

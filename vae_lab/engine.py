@@ -119,8 +119,8 @@ def progress(iterable, description: str, *, total: int | None = None, unit: str 
             yield item
             now = time.perf_counter()
             if bar.disable and now - last >= LOG_EVERY_SECONDS:
-                log.info("%s: %d%s %s%s after %.0f s", description, done, f" of {total}" if total else "", unit,
-                         "es" if unit.endswith("ch") else "s", now - started)
+                log.info("%s: %d%s %s after %.0f s", description, done, f" of {total}" if total else "",
+                         {"batch": "batches"}.get(unit, unit + "s"), now - started)
                 last = now
 
 

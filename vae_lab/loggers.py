@@ -23,6 +23,7 @@ from vae_lab.layout import RunLayout, folder_in_run
 METRIC_COLUMNS = (
     "epoch", "lr", "train_loss", "train_recon", "train_kl",
     "test_loss", "test_recon", "test_kl", "train_seconds", "seconds", "data",
+    "test_bits_per_dim",  # the test -ELBO in bits per dimension, for a discrete 8-bit likelihood only (else empty)
 )
 
 

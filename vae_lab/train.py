@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import signal
 import time
 from pathlib import Path
@@ -285,6 +286,8 @@ def _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle)
         **{f"train_{k}": v for k, v in trained.items()},
         **{f"test_{k}": v for k, v in tested.items()},
         "train_seconds": round(train_seconds, 4), "seconds": round(seconds, 4), "data": data.name,
+        **({"test_bits_per_dim": (tested["recon"] + tested["kl"]) / (math.prod(data.image_shape) * math.log(2))}
+           if getattr(model, "module", model).likelihood.discrete else {}),
     }
 
 
