@@ -163,7 +163,10 @@ def test_every_metric_reaches_metrics_json_the_log_and_summary_csv(make_cfg, tmp
     assert sum(report["class_histograms"]["gmm"]) == 200
     for name in ("random_generation.png", "random_generation_gmm.png", "class_coverage.png"):
         assert (results / name).is_file(), name
-    assert "sample quality: 200 images per set" in (job / "run.log").read_text()
+    log = (job / "run.log").read_text()
+    assert "sample quality: 200 images per set" in log
+    assert report["sample_metrics_caveat"].startswith("compare them with care: 200 images per set (under 1,000")
+    assert f"caveat: {report['sample_metrics_caveat']}" in log  # said where the numbers are printed
     (job / ".hydra").mkdir()
     (job / ".hydra" / "overrides.yaml").write_text("- train.epochs=1\n")
     write_summary(tmp_path / "sweep")
@@ -172,6 +175,15 @@ def test_every_metric_reaches_metrics_json_the_log_and_summary_csv(make_cfg, tmp
     for key in keys:
         assert float(row[key]) == pytest.approx(report[key]), key
     assert "fid_gmm" in (tmp_path / "sweep" / "summary.md").read_text()
+
+
+def test_sample_metrics_are_flagged_when_the_sets_or_the_classifier_are_too_small_to_mean_much():
+    from vae_lab.sample_report import caveat
+
+    assert caveat(10_000, 0.991) is None and caveat(1_000, 0.9) is None
+    assert "999 images per set" in caveat(999, 0.99) and "classifier" not in caveat(999, 0.99)
+    both = caveat(512, 0.49)
+    assert "512 images per set" in both and "test accuracy is 49.0 %" in both and "evaluate.sample_count" in both
 
 
 def test_samplers_and_the_switch(make_cfg, tmp_path):

@@ -99,11 +99,31 @@ def sample_quality(
             train_means = encode_all(model, data.train_images, batch_size)[0]
         report["latent_probe_accuracy"] = latent_probe(train_means, data.train_labels, test_means, data.test_labels, seed)
     report["classifier_test_accuracy"] = classifier["test_accuracy"]
+    report["sample_metrics_caveat"] = caveat(n, classifier["test_accuracy"])
+    if report["sample_metrics_caveat"]:
+        log.warning("sample metrics: %s", report["sample_metrics_caveat"])
     report["classifier_cached"] = classifier["cached"]
     report["classifier_train_seconds"] = round(classifier["train_seconds"], 3)
     report["sample_quality_seconds"] = {name: round(value, 3) for name, value in seconds.items()}
     report["sample_quality_seconds"]["total"] = round(sum(seconds.values()), 3)
     return report
+
+
+# Below these the sample metrics are printed but flagged: FID's 64 x 64 feature covariance is biased well above its
+# large-sample value on a few hundred images, and a classifier that misreads many test images gives features (and
+# class coverage) that do not tell its classes apart.
+MIN_SAMPLE_IMAGES = 1000
+MIN_CLASSIFIER_ACCURACY = 0.9
+
+
+def caveat(images: int, classifier_accuracy: float) -> str | None:
+    """Why these sample metrics may not mean much (None when the sets and the classifier are big and good enough)."""
+    reasons = ([f"{images} images per set (under {MIN_SAMPLE_IMAGES:,}, FID and KID are biased and noisy)"]
+               if images < MIN_SAMPLE_IMAGES else [])
+    if classifier_accuracy < MIN_CLASSIFIER_ACCURACY:
+        reasons.append(f"the feature classifier's test accuracy is {100 * classifier_accuracy:.1f} % (under "
+                       f"{100 * MIN_CLASSIFIER_ACCURACY:.0f} %, its features barely tell the classes apart)")
+    return ("compare them with care: " + "; ".join(reasons) + ". More data (evaluate.sample_count, data.limit) lifts both.") if reasons else None
 
 
 def log_sample_quality(report: dict) -> None:
@@ -122,6 +142,8 @@ def log_sample_quality(report: dict) -> None:
                      f"{report[f'precision_{name}']:>11.3f}{report[f'recall_{name}']:>8.3f}{report[f'class_kl_{name}']:>10.4f}")
     lines.append(f"  latent probe (logistic regression on posterior means): test accuracy {100 * report['latent_probe_accuracy']:.2f} %")
     lines.append(f"  seconds: {report['sample_quality_seconds']}")
+    if report.get("sample_metrics_caveat"):
+        lines.append(f"  caveat: {report['sample_metrics_caveat']}")
     log.info("\n".join(lines))
 
 
