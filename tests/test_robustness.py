@@ -63,6 +63,8 @@ CATALOGUE = [
     # Hydra's own composition errors: one line and exit 2 as well (issue 17), the options named (a subset: options get added)
     ("unknown key (Hydra)", ["train.lr=0.1"], 2, "Could not override 'train.lr'. To append to your config use +train.lr=0.1; Key 'lr' is not in struct"),
     ("unknown group option (Hydra)", ["model=transformer"], 2, "Could not find 'model/transformer'; Available options in 'model': conv_vae, "),
+    ("a group removed with ~", ["~prior"], 2, "prior is not in the config (removed with ~prior, or set to a plain value), and task=train needs it"),
+    ("a group option that is a number (Hydra)", ["model=3"], 2, "Config group override must be a string or a list. Got int"),
     ("override Hydra cannot parse", ["train.epochs=[1"], 2, "cannot parse the override 'train.epochs=[1': no viable alternative"),
     ("YAML syntax error in a user config", ["--config-dir=USERCONF", "+experiment=broken"], 2,
      "USERCONF/experiment/broken.yaml, line 3, column 1: not valid YAML (expected ',' or ']'"),
@@ -207,7 +209,7 @@ END_TO_END = {
     "sweep subdir that leaves out the swept key", "sweep subdir by overrides with a repeated value",
     "used sweep directory named with an interpolation",
     "batch size 0", "missing checkpoint", "negative weight decay", "truncated IDX file",
-    "override Hydra cannot parse", "YAML syntax error in a user config", "Optuna storage that is not a database",
+    "override Hydra cannot parse", "YAML syntax error in a user config", "a group option that is a number (Hydra)", "Optuna storage that is not a database",
 }
 
 

@@ -440,15 +440,11 @@ def _composed_or_refused(run) -> None:
     """Run Hydra; a mistake Hydra finds while composing (an override it cannot parse, an unknown option or
     key, a config file it cannot read) ends in one line and exit 2, as vae_lab's own refusals do,
     instead of Hydra's banner or a YAML traceback. Errors from a task that started propagate as before."""
-    import yaml
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     user_asked = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises what it finds instead of printing it and exiting 1
     try:
         run()
-    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
+    except Exception as error:  # Hydra's own, OmegaConf's, YAML's, or a ValueError of Hydra's parser (model=3)
         if _TASK_STARTED or user_asked == "1":
             raise
         print(f"error: {composition_error_line(error)}", file=sys.stderr)

@@ -55,12 +55,21 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
     declares for its settings (declared_image_shape); a loader that cannot tell before
     loading (a folder, an .npz) has its run dry-built by the train task once the data is loaded.
     """
-    if trusted_modules is None:
+    command_line = trusted_modules is None
+    if command_line:
         _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
                "a list of module names, e.g. [my_lab.models]")
         trusted_modules = tuple(cfg.get("trusted_modules") or ())
     _refuse_untrusted(cfg, trusted_modules)
     _one_of(cfg, "task", TASKS)
+    # What each task reads from the command line's config (a checkpoint's holds only what it builds): every group
+    # training builds (the posterior may be absent: the diagonal Gaussian), and the task's settings.
+    needs = {"train": (*(group for group in GROUP_BASES if group != "posterior"), "train", "evaluate"), "evaluate": ("evaluate",),
+             "summarize": ("summarize",)}[cfg.task] if command_line else ()
+    missing = next((key for key in needs if not isinstance(cfg.get(key), DictConfig)), None)
+    if missing is not None:
+        raise ConfigError(f"{missing} is not in the config (removed with ~{missing}, or set to a plain value), and task={cfg.task} "
+                          f"needs it: leave it in, or choose one of its options ({missing}=...; python run.py --help lists them)")
     if cfg.get("resume") is True and cfg.task != "train":
         raise ConfigError(f"resume=true continues a training run; task={cfg.task} has nothing to continue. Leave resume out.")
     if cfg.get("resume") is True and OmegaConf.select(cfg, "train.resume"):
