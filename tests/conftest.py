@@ -36,6 +36,7 @@ TINY = [
     "train.epochs=2",
     "train.batch_size=64",
     "train.evaluate_at_end=false",
+    "evaluate.preset=full",  # the settings below as written; evaluate=auto's light end-of-run evaluation has its own test
     "evaluate.batch_size=128",
     "evaluate.iw_samples=5",
     "evaluate.embedding_points=256",

@@ -104,10 +104,10 @@ def test_the_light_evaluation_is_the_full_one_with_less_sampling_and_the_sweep_r
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)).evaluate)
 
-    full, light = evaluate_settings(), evaluate_settings("evaluate=light")
-    assert full == evaluate_settings("evaluate=full") and full["iw_samples"] == 100 and full["sample_metrics"] is True
+    full, light, auto = evaluate_settings("evaluate=full"), evaluate_settings("evaluate=light"), evaluate_settings()
+    assert auto == {**full, "preset": "auto"} and full["iw_samples"] == 100 and full["sample_metrics"] is True
     assert {key for key in full if full[key] != light[key]} == {
-        "iw_samples", "iw_limit", "embedding_points", "samplers", "sample_metrics", "disentanglement_codes"}
+        "preset", "iw_samples", "iw_limit", "embedding_points", "samplers", "sample_metrics", "disentanglement_codes"}
     assert light["iw_samples"] < full["iw_samples"] and light["sample_metrics"] is False and light["samplers"] == ["prior"]
     assert evaluate_settings("evaluate=light", "evaluate.iw_samples=50")["iw_samples"] == 50  # any key still set alone
     for recipe in ("alpha_latent_sweep", "optuna_search"):

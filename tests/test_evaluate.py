@@ -145,3 +145,23 @@ def test_a_long_step_off_a_terminal_logs_that_it_is_alive(monkeypatch, caplog):
         importance_weighted_nll(model, images, k=3, batch_size=2, chunk=2)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("IW bound (k=3): ")]
     assert [line.split(" after ")[0] for line in lines] == [f"IW bound (k=3): {i} of 3 batches" for i in (1, 2, 3)]
+
+
+def test_a_short_training_is_evaluated_with_the_light_settings_unless_full_is_asked_for(tmp_path, caplog):
+    """evaluate=auto (the default): under 10 epochs the end-of-run evaluation is evaluate=light's; evaluate=full, or
+    a long training, the whole one. The record says preset auto; metrics.json says what was measured."""
+    from vae_lab.evaluate import SHORT_RUN_EPOCHS, end_of_run_settings
+    from conftest import compose_config
+
+    short = compose_config("evaluate.preset=auto", "train.epochs=1", "train.evaluate_at_end=true", "data.limit=64")
+    with caplog.at_level(logging.INFO, logger="vae_lab"):
+        run_task(short, tmp_path / "short")
+    report = json.loads((tmp_path / "short" / "results" / "metrics.json").read_text())
+    assert report["iw_samples"] == 10 and "fid_prior" not in report
+    assert "train.epochs=1 is a short run (under 10 epochs)" in caplog.text and "evaluate=full gives the whole one" in caplog.text
+    long = compose_config("evaluate.preset=auto", f"train.epochs={SHORT_RUN_EPOCHS}")
+    assert end_of_run_settings(long) is long  # a training of 10 epochs or more: the settings as they are
+    full = compose_config("evaluate.preset=full", "train.epochs=1", "evaluate.iw_samples=7")
+    assert end_of_run_settings(full).evaluate.iw_samples == 7
+    light = end_of_run_settings(compose_config("evaluate.preset=auto", "train.epochs=1", "evaluate.iw_samples=7"))
+    assert light.evaluate.iw_samples == 10 and light.evaluate.samplers == ["prior"]  # in-process: no command line to respect

@@ -161,6 +161,33 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
     return report
 
 
+# evaluate=auto (the default): a training shorter than this is evaluated at its end with evaluate=light's settings.
+SHORT_RUN_EPOCHS = 10
+
+
+def end_of_run_settings(cfg: DictConfig) -> DictConfig:
+    """cfg as the end-of-run evaluation uses it: with evaluate.preset=auto and train.epochs < SHORT_RUN_EPOCHS,
+    evaluate=light's settings (conf/evaluate/light.yaml, the one definition) replace the full ones, except those
+    the command line sets itself; said in one line. Otherwise cfg as it is."""
+    if cfg.evaluate.get("preset") != "auto" or cfg.train.epochs >= SHORT_RUN_EPOCHS:
+        return cfg
+    from hydra.core.hydra_config import HydraConfig
+
+    from vae_lab.cli import CONFIG_DIR
+
+    light = OmegaConf.load(CONFIG_DIR / "evaluate" / "light.yaml")
+    given = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
+    changed = {key: light[key] for key in light if key not in ("defaults", "preset") and f"evaluate.{key}" not in given
+               and OmegaConf.select(cfg, f"evaluate.{key}") != light[key]}
+    cfg = cfg.copy()
+    for key, value in changed.items():
+        OmegaConf.update(cfg, f"evaluate.{key}", value, merge=False)
+    log.info("train.epochs=%d is a short run (under %d epochs): its end-of-run evaluation takes evaluate=light's settings "
+             "(%s); evaluate=full gives the whole one", cfg.train.epochs, SHORT_RUN_EPOCHS,
+             ", ".join(f"{key}={OmegaConf.to_container(light)[key]}" for key in changed) or "as set")
+    return cfg
+
+
 def check_evaluation_fits(cfg: DictConfig, data) -> None:
     """Settings that only the loaded data can answer, checked before any training: disentanglement
     metrics asked for (evaluate.disentanglement=true) on data that carries no generating factors."""

@@ -10,6 +10,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 TASKS = ("train", "evaluate", "summarize")
 DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
@@ -116,6 +117,7 @@ class TrainSettings:
 
 @dataclass
 class EvaluateSettings:
+    preset: Literal["auto", "full", "light"]
     checkpoint: Path | None
     batch_size: int
     n_components: int

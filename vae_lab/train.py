@@ -95,9 +95,10 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     seed_everything(cfg.seed)
     data, model, objective, optimizer, scheduler, step = build_training(cfg, device)
     if cfg.train.evaluate_at_end:
-        from vae_lab.evaluate import check_evaluation_fits
+        from vae_lab.evaluate import check_evaluation_fits, end_of_run_settings
 
-        check_evaluation_fits(cfg, data)  # before the epochs, not after them
+        evaluation_cfg = end_of_run_settings(cfg)  # evaluate=auto: the light settings for a short run
+        check_evaluation_fits(evaluation_cfg, data)  # before the epochs, not after them
     if launched():
         step = data_parallel(cfg, data, model, objective, step, device)
     shuffle = torch.Generator().manual_seed(cfg.seed)  # the same batches in every process
@@ -189,7 +190,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
             # The model in memory holds exactly the weights of last.pt (written above); a fresh
             # objective, as evaluating that file builds one (no warm-up factor, no autocast).
             objective.kl_scale = 1.0
-            report = evaluate_model(cfg, model, objective, data, epoch=epoch, checkpoint=layout.last_checkpoint,
+            report = evaluate_model(evaluation_cfg, model, objective, data, epoch=epoch, checkpoint=layout.last_checkpoint,
                                     results_dir=layout.results)
             logger.log_report(report, layout.results)
     finally:
