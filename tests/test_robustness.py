@@ -24,7 +24,7 @@ from conftest import REPO, TINY, compose_config, shared_run
 from test_data import DAMAGE, write_idx_files
 from vae_lab.checkpoint import load_checkpoint, save_checkpoint
 from vae_lab.cli import run_task
-from vae_lab.errors import CheckpointError, VaeLabError
+from vae_lab.errors import CheckpointError, ConfigError, VaeLabError
 from vae_lab.rundir import LOCK_FILE
 
 RUN_FILES = "checkpoints, metrics.csv, progress, results"  # what the RUN fixture holds beyond its log
@@ -64,7 +64,16 @@ CATALOGUE = [
     ("unknown key (Hydra)", ["train.lr=0.1"], 2, "Could not override 'train.lr'. To append to your config use +train.lr=0.1; Key 'lr' is not in struct"),
     ("unknown group option (Hydra)", ["model=transformer"], 2, "Could not find 'model/transformer'; Available options in 'model': conv_vae, "),
     ("a group removed with ~", ["~prior"], 2, "prior is not in the config (removed with ~prior, or set to a plain value), and task=train needs it"),
-    ("a group option that is a number (Hydra)", ["model=3"], 2, "Config group override must be a string or a list. Got int"),
+    ("a group option that is a number (Hydra)", ["model=3"], 2, "model=3: model= takes the name of one of its options: conv_vae, "),
+    ("a config file that is not UTF-8", ["--config-dir=LATIN1CONF", "+experiment=latin1"], 2,
+     "LATIN1CONF/experiment/latin1.yaml is not UTF-8 text (byte 17"),
+    ("the base class as the likelihood", ["loss.reconstruction={_target_:vae_lab.likelihoods.Likelihood}"], 2,
+     "loss.reconstruction is built by 'vae_lab.likelihoods.Likelihood': the base class itself, which builds nothing; name a subclass"),
+    ("an instantiate keyword its checkpoint would refuse", ["+loss._convert_=all"], 2,
+     "the config has _convert_ at loss._convert_, where vae_lab never writes one"),
+    ("data root is a file for CIFAR-10", ["data=cifar10", "data.root=TEXT"], 2, "data.root=TEXT is a file: point it at the folder that holds its files"),
+    ("damaged MLflow store", ["logger=mlflow", "logger.mlflow.tracking_uri=sqlite:///FAKEDB"], 2,
+     "logger.mlflow.tracking_uri=sqlite:///FAKEDB: FAKEDB cannot be read as an SQLite database (file is not a database)"),
     ("override Hydra cannot parse", ["train.epochs=[1"], 2, "cannot parse the override 'train.epochs=[1': no viable alternative"),
     ("YAML syntax error in a user config", ["--config-dir=USERCONF", "+experiment=broken"], 2,
      "USERCONF/experiment/broken.yaml, line 3, column 1: not valid YAML (expected ',' or ']'"),
@@ -209,7 +218,8 @@ END_TO_END = {
     "sweep subdir that leaves out the swept key", "sweep subdir by overrides with a repeated value",
     "used sweep directory named with an interpolation",
     "batch size 0", "missing checkpoint", "negative weight decay", "truncated IDX file",
-    "override Hydra cannot parse", "YAML syntax error in a user config", "a group option that is a number (Hydra)", "Optuna storage that is not a database",
+    "override Hydra cannot parse", "YAML syntax error in a user config", "a group option that is a number (Hydra)",
+    "a config file that is not UTF-8", "Optuna storage that is not a database",
 }
 
 
@@ -257,6 +267,11 @@ def files(tmp_path_factory):
     files["USERCONF"] = root / "userconf"
     (files["USERCONF"] / "experiment").mkdir(parents=True)
     (files["USERCONF"] / "experiment" / "broken.yaml").write_text("model:\n  latent_dim: [3\n")
+    files["LATIN1CONF"] = root / "latin1conf"
+    (files["LATIN1CONF"] / "experiment").mkdir(parents=True)
+    (files["LATIN1CONF"] / "experiment" / "latin1.yaml").write_bytes(b"train:\n  epochs: \xff\xfe1\n")
+    files["FAKEDB"] = root / "fake.db"
+    files["FAKEDB"].write_bytes(b"SQLite format 3\x00" + b"garbage" * 20)
     files["TRUNCATED"].write_bytes(good.read_bytes()[:5000])
     torch.save({"weights": torch.zeros(3)}, files["FOREIGN"])
     state = load_checkpoint(good)
@@ -653,3 +668,17 @@ def test_ctrl_c_during_startup_is_one_line(tmp_path):
     assert process.returncode == 128 + signal.SIGINT, output[-2000:]
     assert "interrupted by SIGINT" in output and "Traceback" not in output
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_task_refuses_a_config_without_what_it_reads(make_cfg):
+    """~data (or data=null) before task=evaluate: evaluation reads the data's location from the command line."""
+    from omegaconf import open_dict
+
+    from vae_lab.validate import validate
+
+    cfg = make_cfg("task=evaluate", "evaluate.checkpoint=x.pt")
+    with open_dict(cfg):
+        del cfg["data"]
+    with pytest.raises(ConfigError, match=re.escape("data is not in the config (removed with ~data, or set to a plain value), "
+                                                    "and task=evaluate needs it")):
+        validate(cfg)

@@ -441,6 +441,12 @@ def plain_config(cfg: DictConfig) -> dict:
     problem = _non_data(config, "config", depth=0)
     if problem:
         raise ConfigError(f"the config holds {problem}, which a checkpoint cannot store: use a plain value there")
+    try:  # what loading will refuse (an instantiate keyword where vae_lab never writes one), refused before training
+        _check_target_placement({key: config[key] for key in READ_FROM_CHECKPOINT if key in config}, "this run's checkpoint")
+    except CheckpointError as error:
+        what = str(error).removeprefix("refused this run's checkpoint: its config has ").rstrip(".")
+        raise ConfigError(f"the config has {what}. Leave that key out: a checkpoint holding it could not be evaluated "
+                          "or resumed") from None
     return config
 
 

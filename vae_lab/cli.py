@@ -462,6 +462,23 @@ def composition_error_line(error: Exception) -> str:
         mark = error.problem_mark
         return (f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({error.problem}). "
                 "Fix the file, or leave it out of the command.")
+    if isinstance(error, UnicodeDecodeError):  # Hydra read a config file that is not UTF-8 text: find it
+        folders = [CONFIG_DIR, *(Path(a.split("=", 1)[1] if "=" in a else b) for a, b in zip(sys.argv[1:], [*sys.argv[2:], ""])
+                                 if a.split("=", 1)[0] in ("--config-dir", "-cd"))]
+        for path in (p for folder in folders for p in sorted(folder.rglob("*.yaml"))):
+            try:
+                path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as bad:
+                return f"{path} is not UTF-8 text (byte {bad.start}: {bad.reason}); save it as UTF-8, or leave it out of the command"
+            except OSError:
+                continue
+    if "Config group override must be a string" in str(error):  # model=3, loss=null: say which, and what it takes
+        groups = {path.name: sorted(p.stem for p in path.glob("*.yaml")) for path in CONFIG_DIR.iterdir() if path.is_dir()}
+        given = next((a for a in sys.argv[1:] if "=" in a and a.split("=", 1)[0].lstrip("+~") in groups
+                      and a.split("=", 1)[1] not in groups[a.split("=", 1)[0].lstrip("+~")]), None)
+        if given is not None:
+            group = given.split("=", 1)[0].lstrip("+~")
+            return f"{given}: {group}= takes the name of one of its options: {', '.join(groups[group])}"
     parts: list[str] = [f"cannot parse the override {error.override!r}:"] if getattr(error, "override", None) else []
     text = str(error) + (f"\n{error.__cause__}" if error.__cause__ is not None else "")  # Hydra prints the cause too
     for line in (line.strip() for line in text.splitlines()):

@@ -8,6 +8,7 @@ itself, never the file it points to. `open_append` is for the one file that grow
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -119,4 +120,13 @@ def sqlite_problem(uri: str, setting: str) -> str | None:
             header = file.read(len(SQLITE_HEADER))
     except OSError as error:
         return f"{setting}={uri}: {path} cannot be read ({error.strerror}); {fix}"
-    return None if header == SQLITE_HEADER else f"{setting}={uri}: {path} is not an SQLite database; {fix}"
+    if header != SQLITE_HEADER:
+        return f"{setting}={uri}: {path} is not an SQLite database; {fix}"
+    import sqlite3
+
+    try:  # read-only: the schema is where a damaged file fails ("file is not a database")
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)) as database:
+            database.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error as error:
+        return f"{setting}={uri}: {path} cannot be read as an SQLite database ({error}); {fix}"
+    return None

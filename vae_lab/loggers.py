@@ -118,9 +118,9 @@ class MLflowLogger:
             ) from None
         run_dir = Path(run_dir)
         store = _sqlite_folder(tracking_uri)
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_dir = run_dir
         try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
             # A local store keeps its artifacts beside the database, not in the folder the command ran from.
             artifacts = (store / "artifacts").as_uri() if store is not None else None

@@ -20,6 +20,7 @@ import importlib
 import inspect
 import math
 import os
+import re
 import types
 import typing
 import warnings
@@ -60,16 +61,16 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
         _check(cfg, "trusted_modules", lambda v: OmegaConf.is_list(v) and all(isinstance(m, str) and m for m in v),
                "a list of module names, e.g. [my_lab.models]")
         trusted_modules = tuple(cfg.get("trusted_modules") or ())
-    _refuse_untrusted(cfg, trusted_modules)
-    _one_of(cfg, "task", TASKS)
     # What each task reads from the command line's config (a checkpoint's holds only what it builds): every group
     # training builds (the posterior may be absent: the diagonal Gaussian), and the task's settings.
-    needs = {"train": (*(group for group in GROUP_BASES if group != "posterior"), "train", "evaluate"), "evaluate": ("evaluate",),
-             "summarize": ("summarize",)}[cfg.task] if command_line else ()
+    needs = {"train": (*(group for group in GROUP_BASES if group != "posterior"), "train", "evaluate"), "evaluate": ("evaluate", "data"),
+             "summarize": ("summarize",)}.get(cfg.get("task"), ()) if command_line else ()
     missing = next((key for key in needs if not isinstance(cfg.get(key), DictConfig)), None)
     if missing is not None:
-        raise ConfigError(f"{missing} is not in the config (removed with ~{missing}, or set to a plain value), and task={cfg.task} "
+        raise ConfigError(f"{missing} is not in the config (removed with ~{missing}, or set to a plain value), and task={cfg.get('task')} "
                           f"needs it: leave it in, or choose one of its options ({missing}=...; python run.py --help lists them)")
+    _refuse_untrusted(cfg, trusted_modules)
+    _one_of(cfg, "task", TASKS)
     if cfg.get("resume") is True and cfg.task != "train":
         raise ConfigError(f"resume=true continues a training run; task={cfg.task} has nothing to continue. Leave resume out.")
     if cfg.get("resume") is True and OmegaConf.select(cfg, "train.resume"):
@@ -111,7 +112,8 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
     _check(cfg, "evaluate.iw_limit", lambda v: v is None or _is_positive_int(v), "null (all test images) or a whole number >= 1")
     root = OmegaConf.select(cfg, "data.root")
     if OmegaConf.select(cfg, "data.name") != "mnist_5k" and root is not None and Path(str(root)).expanduser().is_file():
-        raise ConfigError(f"data.root={root} is a file: point it at the folder that holds MNIST/raw and FashionMNIST/raw")
+        holds = "MNIST/raw and FashionMNIST/raw" if OmegaConf.select(cfg, "data._target_") == "vae_lab.data.load_dataset" else "its files"
+        raise ConfigError(f"data.root={root} is a file: point it at the folder that holds {holds}")
     _device(cfg.device)
     _check_types(cfg)
     if cfg.task == "train":
@@ -131,7 +133,12 @@ def _refuse_untrusted(cfg: DictConfig, trusted_modules) -> None:
         key = error.full_key or "a setting"
         raise ConfigError(f"{key} is not set: give it on the command line, e.g. {key}=...") from None
     except OmegaConfBaseException as error:
-        raise ConfigError(f"the config cannot be resolved: {str(error).splitlines()[0]}. Fix that setting.") from None
+        text = str(error).splitlines()[0]
+        node = re.search(r"(?:Interpolation key|access) '?([\w]+)\.", text)
+        if node and not isinstance(cfg.get(node.group(1)), DictConfig):  # ~train, train=null: other settings refer to it
+            raise ConfigError(f"{node.group(1)} is not in the config (removed with ~{node.group(1)}, or set to a plain value), "
+                              f"and other settings refer to it ({text}): leave it in") from None
+        raise ConfigError(f"the config cannot be resolved: {text}. Fix that setting.") from None
     present = {group: config[group] for group in GROUP_BASES if group in config}
     problem = untrusted_target(config, trusted_modules, groups=present)
     if problem:
@@ -176,6 +183,9 @@ def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = Non
         except (ImportError, AttributeError, ValueError) as error:
             return f"{group}._target_={target!r} cannot be imported ({error}): check the module and name"
         base = getattr(importlib.import_module(base_module), base_name)
+        if found is base and base.__subclasses__():  # Likelihood, VAE, Prior: a class to derive from, not to build
+            names = ", ".join(sorted(f"{c.__module__}.{c.__qualname__}" for c in base.__subclasses__())[:6])
+            return f"{group} is built by {target!r}: the base class itself, which builds nothing; name a subclass (e.g. {names})"
         if not _builds(found, base):
             kind = " loader" if group == "data" else " class"
             return f"{group} is built by {target!r}, which is not a {base_module}.{base_name}{kind}"
@@ -264,7 +274,8 @@ def _bind_arguments(function, node: DictConfig, where: str, target: str) -> None
         signature.bind_partial(**arguments)
     except TypeError as error:
         group = where.split(".")[0]
-        raise ConfigError(f"{where}: {target} does not accept these settings ({error}); see its config file under conf/{group}/") from None
+        where_to_look = f"its config file under conf/{group}/" if where in GROUP_BASES else f"the arguments of {target}"
+        raise ConfigError(f"{where}: {target} does not accept these settings ({error}); see {where_to_look}") from None
     hints = _type_hints(function)
     settings_of = getattr(function, "settings_of", {})  # a mapping argument whose keys another class receives
     for key in arguments:
@@ -439,7 +450,8 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> int:
             f"model ({cfg.model.get('_target_')}) with these settings has {count:,} parameters, which need about "
             f"{needed / 2**30:,.0f} GiB to train{objective_part}; "
             f"this machine has {available / 2**30:,.0f} GiB of {where}. "
-            f"Use smaller model.*{''.join(f', {group}.*' for group in parts)} sizes."
+            f"Use smaller model.*{''.join(f', {group}.*' for group in parts)} sizes"
+            + (f" or a smaller loss.reconstruction (its {outputs:,} outputs per pixel size the decoder's last layer)." if outputs > 1 else ".")
         )
     return outputs
 
