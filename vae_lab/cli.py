@@ -474,11 +474,10 @@ def composition_error_line(error: Exception) -> str:
                 continue
     if "Config group override must be a string" in str(error):  # model=3, loss=null: say which, and what it takes
         groups = {path.name: sorted(p.stem for p in path.glob("*.yaml")) for path in CONFIG_DIR.iterdir() if path.is_dir()}
-        given = next((a for a in sys.argv[1:] if "=" in a and a.split("=", 1)[0].lstrip("+~") in groups
-                      and a.split("=", 1)[1] not in groups[a.split("=", 1)[0].lstrip("+~")]), None)
+        given = next((a for a in sys.argv[1:] if "=" in a and override_key(a) in groups
+                      and a.split("=", 1)[1] not in groups[override_key(a)]), None)
         if given is not None:
-            group = given.split("=", 1)[0].lstrip("+~")
-            return f"{given}: {group}= takes the name of one of its options: {', '.join(groups[group])}"
+            return f"{given}: {override_key(given)}= takes the name of one of its options: {', '.join(groups[override_key(given)])}"
     parts: list[str] = [f"cannot parse the override {error.override!r}:"] if getattr(error, "override", None) else []
     text = str(error) + (f"\n{error.__cause__}" if error.__cause__ is not None else "")  # Hydra prints the cause too
     for line in (line.strip() for line in text.splitlines()):
@@ -499,7 +498,7 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 NOT_REPEATED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode")
 
 
-def _override_key(argument: str) -> str:
+def override_key(argument: str) -> str:
     return argument.lstrip("+~").split("=", 1)[0]
 
 
@@ -515,7 +514,7 @@ def resumed_arguments(arguments: list[str]) -> list[str]:
         return arguments
     sweep = any(argument in MULTIRUN_FLAGS for argument in arguments)
     setting = "hydra.sweep.dir" if sweep else "hydra.run.dir"
-    given = [a.split("=", 1)[1] for a in arguments if _override_key(a) == setting and "=" in a]
+    given = [a.split("=", 1)[1] for a in arguments if override_key(a) == setting and "=" in a]
     if not given or not given[-1]:
         raise ConfigError(f"resume=true continues a {'sweep' if sweep else 'run'} where it stands: name its folder with "
                           f"{setting}=<folder> (the {'multirun' if sweep else 'outputs'}/<date>/<time> it was written to)")
@@ -523,25 +522,25 @@ def resumed_arguments(arguments: list[str]) -> list[str]:
     task, hydra = _recorded_overrides(folder, sweep, setting)
     if not sweep:  # Hydra rewrites the record before the task runs; a refused resume puts it back
         _RECORD_BEFORE_RESUME.update({path: path.read_bytes() for path in (folder / ".hydra").glob("*.yaml")})
-    ours = {_override_key(a): a for a in arguments if "=" in a and not a.startswith("-")}
+    ours = {override_key(a): a for a in arguments if "=" in a and not a.startswith("-")}
     if sweep:
-        disagree = [a for a in task if _override_key(a) in ours and ours[_override_key(a)] != a]
+        disagree = [a for a in task if override_key(a) in ours and ours[override_key(a)] != a]
         if disagree:
-            key = _override_key(disagree[0])
+            key = override_key(disagree[0])
             raise ConfigError(f"resume=true: {folder} is the sweep {' '.join(task)}; {ours[key]} disagrees with its {disagree[0]}. "
                               "Leave the sweep's overrides out (they are read from the folder) or repeat them as recorded.")
-    hydra = [a for a in hydra if _override_key(a) not in NOT_REPEATED]
-    untrusted = next((a for a in (*task, *hydra) if _grants_trust(_override_key(a), a in hydra) and _override_key(a) not in ours), None)
+    hydra = [a for a in hydra if override_key(a) not in NOT_REPEATED]
+    untrusted = next((a for a in (*task, *hydra) if _grants_trust(override_key(a), a in hydra) and override_key(a) not in ours), None)
     if untrusted is not None:
-        key = _override_key(untrusted)
+        key = override_key(untrusted)
         raise ConfigError(
             f"resume=true: {folder}'s record holds {untrusted}, which decides what code runs; vae_lab takes that only from "
             f"the command line, never from a folder (anyone who can write there could have put it). Repeat {key}=... "
             "on this command line if it is yours."
         )
-    kept = [a for a in hydra if _override_key(a) not in ours]
+    kept = [a for a in hydra if override_key(a) not in ours]
     # After this command's own (so its flags come first, as Hydra's parser wants); none of them repeats a key given here.
-    return [*arguments, *kept, *(a for a in task if _override_key(a) not in ours)]
+    return [*arguments, *kept, *(a for a in task if override_key(a) not in ours)]
 
 
 _RECORD_BEFORE_RESUME: dict[Path, bytes] = {}  # a resumed run's Hydra record as it was before this command

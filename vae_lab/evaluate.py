@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 import uuid
@@ -25,6 +24,7 @@ from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.files import write_atomic
 from vae_lab.layout import REPORT_FILE, RunLayout
+from vae_lab.likelihoods import bits_per_dim
 from vae_lab.metrics import active_units, encode_all, importance_weighted_nll, kl_per_layer, mean_kl_per_dimension, reconstruction_mse
 from vae_lab.outcome import TaskOutcome, evaluation_outcome
 from vae_lab.runtime import build, build_vae, resolve_device
@@ -132,9 +132,8 @@ def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, check
     report.update(layers)
     report.update(disentangled)
     if model.likelihood.discrete:  # nats of a distribution over the 256 levels: bits per dimension, as papers report
-        dims_ln2 = float(np.prod(data.image_shape)) * math.log(2)
-        report["bits_per_dim"] = report["neg_elbo"] / dims_ln2
-        report["iw_bits_per_dim"] = iw_nll / dims_ln2
+        report["bits_per_dim"] = bits_per_dim(report["neg_elbo"], data.image_shape)
+        report["iw_bits_per_dim"] = bits_per_dim(iw_nll, data.image_shape)
     if isinstance(getattr(model.likelihood, "log_scale", None), torch.Tensor):
         report["likelihood_scale"] = model.likelihood.log_scale.exp().item()
     try:
@@ -173,18 +172,18 @@ def end_of_run_settings(cfg: DictConfig) -> DictConfig:
         return cfg
     from hydra.core.hydra_config import HydraConfig
 
-    from vae_lab.cli import CONFIG_DIR
+    from vae_lab.cli import CONFIG_DIR, override_key
 
-    light = OmegaConf.load(CONFIG_DIR / "evaluate" / "light.yaml")
-    given = {o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
-    changed = {key: light[key] for key in light if key not in ("defaults", "preset") and f"evaluate.{key}" not in given
-               and OmegaConf.select(cfg, f"evaluate.{key}") != light[key]}
+    light = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "evaluate" / "light.yaml"))
+    given = {override_key(o) for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
+    changed = {key: value for key, value in light.items() if key not in ("defaults", "preset") and f"evaluate.{key}" not in given
+               and OmegaConf.select(cfg, f"evaluate.{key}") != value}
     cfg = cfg.copy()
     for key, value in changed.items():
         OmegaConf.update(cfg, f"evaluate.{key}", value, merge=False)
     log.info("train.epochs=%d is a short run (under %d epochs): its end-of-run evaluation takes evaluate=light's settings "
              "(%s); evaluate=full gives the whole one", cfg.train.epochs, SHORT_RUN_EPOCHS,
-             ", ".join(f"{key}={OmegaConf.to_container(light)[key]}" for key in changed) or "as set")
+             ", ".join(f"{key}={value}" for key, value in changed.items()) or "as set")
     return cfg
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 LOCK_FILE = ".vae_lab.lock"
-PROGRESS_IMAGES = ("reconstruction", "samples")  # drawn every train.plot_every epochs, and at the last
 REPORT_FILE = "metrics.json"  # the evaluation's report, in results/ (or wherever an evaluation writes)
 
 
@@ -57,7 +56,7 @@ class RunLayout:
         return self.root / "progress"
 
     def progress_image(self, kind: str, epoch: int) -> Path:
-        """progress/<kind>_<epoch, 4 digits>.png, kind one of PROGRESS_IMAGES."""
+        """progress/<kind>_<epoch, 4 digits>.png: kind "reconstruction" or "samples", drawn every train.plot_every epochs."""
         return self.progress / f"{kind}_{epoch:04d}.png"
 
     @property

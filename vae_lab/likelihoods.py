@@ -188,6 +188,11 @@ class DiscretizedLogistic(Likelihood):
         return values == "8bit" and not binary_data
 
 
+def bits_per_dim(nats: float, image_shape) -> float:
+    """Nats per image as bits per dimension (nats / (C * H * W * ln 2)), the unit of discrete 8-bit likelihoods."""
+    return nats / (math.prod(image_shape) * math.log(2))
+
+
 LIKELIHOODS = {cls.name: cls for cls in (Bernoulli, SquaredError, ContinuousBernoulli, Gaussian, PixelGaussian, DiscretizedLogistic)}
 
 

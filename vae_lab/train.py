@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import signal
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from vae_lab.engine import NonFiniteLossError, run_epoch
 from vae_lab.errors import CheckpointError, ConfigError, VaeLabError, sigterm_as_keyboard_interrupt
 from vae_lab.files import write_atomic
 from vae_lab.layout import RunLayout
+from vae_lab.likelihoods import bits_per_dim
 from vae_lab.objectives import Objective
 from vae_lab.options import EXPERIMENT_GROUPS
 from vae_lab.outcome import TaskOutcome, training_outcome
@@ -287,7 +287,7 @@ def _run_one_epoch(epoch, cfg, model, step, optimizer, scheduler, data, shuffle)
         **{f"train_{k}": v for k, v in trained.items()},
         **{f"test_{k}": v for k, v in tested.items()},
         "train_seconds": round(train_seconds, 4), "seconds": round(seconds, 4), "data": data.name,
-        **({"test_bits_per_dim": (tested["recon"] + tested["kl"]) / (math.prod(data.image_shape) * math.log(2))}
+        **({"test_bits_per_dim": bits_per_dim(tested["recon"] + tested["kl"], data.image_shape)}
            if getattr(model, "module", model).likelihood.discrete else {}),
     }
 

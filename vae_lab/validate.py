@@ -67,8 +67,8 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
              "summarize": ("summarize",)}.get(cfg.get("task"), ()) if command_line else ()
     missing = next((key for key in needs if not isinstance(cfg.get(key), DictConfig)), None)
     if missing is not None:
-        raise ConfigError(f"{missing} is not in the config (removed with ~{missing}, or set to a plain value), and task={cfg.get('task')} "
-                          f"needs it: leave it in, or choose one of its options ({missing}=...; python run.py --help lists them)")
+        raise ConfigError(_removed(missing, f"task={cfg.get('task')} needs it: leave it in, or choose one of its options "
+                                            f"({missing}=...; python run.py --help lists them)"))
     _refuse_untrusted(cfg, trusted_modules)
     _one_of(cfg, "task", TASKS)
     if cfg.get("resume") is True and cfg.task != "train":
@@ -136,13 +136,16 @@ def _refuse_untrusted(cfg: DictConfig, trusted_modules) -> None:
         text = str(error).splitlines()[0]
         node = re.search(r"(?:Interpolation key|access) '?([\w]+)\.", text)
         if node and not isinstance(cfg.get(node.group(1)), DictConfig):  # ~train, train=null: other settings refer to it
-            raise ConfigError(f"{node.group(1)} is not in the config (removed with ~{node.group(1)}, or set to a plain value), "
-                              f"and other settings refer to it ({text}): leave it in") from None
+            raise ConfigError(_removed(node.group(1), f"other settings refer to it ({text}): leave it in")) from None
         raise ConfigError(f"the config cannot be resolved: {text}. Fix that setting.") from None
     present = {group: config[group] for group in GROUP_BASES if group in config}
     problem = untrusted_target(config, trusted_modules, groups=present)
     if problem:
         raise ConfigError(f"refusing to run: {problem}.")
+
+
+def _removed(key: str, consequence: str) -> str:
+    return f"{key} is not in the config (removed with ~{key}, or set to a plain value), and {consequence}"
 
 
 def untrusted_target(config: dict, trusted_modules=(), groups: dict | None = None, optional=()) -> str | None:
