@@ -39,7 +39,7 @@ def main() -> None:
         folder, cache = Path(scratch) / "images", Path(scratch) / "cache"
         started = time.perf_counter()
         data = make_shapes(train_size=args.count, test_size=1, image_size=32, seed=0)
-        pixels = (data.train_images * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        pixels = data.train_images.permute(0, 2, 3, 1).numpy()  # uint8, as 8-bit data are stored
         for name in SHAPES:
             (folder / name).mkdir(parents=True)
         for index, (image, label) in enumerate(zip(pixels, data.train_labels.tolist())):

@@ -34,6 +34,8 @@ from pythae.models.nn import BaseDecoder, BaseEncoder
 from pythae.trainers import BaseTrainer, BaseTrainerConfig
 from torch import nn
 
+from vae_lab.data import as_float
+
 
 class ConvEncoder(BaseEncoder):
     """A vae_lab ConvVAE's encoder as pythae wants it: embedding = mu, log_covariance = log-variance."""
@@ -86,7 +88,7 @@ def pythae_trainer(model: BetaVAE, train_images, test_images, *, batch_size: int
 
 def as_dataset(images: torch.Tensor) -> BaseDataset:
     """Images (N, 1, 28, 28) as pythae's dataset, on the host as its trainer expects (labels unused)."""
-    return BaseDataset(images.cpu(), torch.zeros(len(images)))
+    return BaseDataset(as_float(images.cpu()), torch.zeros(len(images)))
 
 
 def train_epoch(trainer: BaseTrainer, epoch: int = 1) -> float:

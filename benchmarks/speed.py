@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vae_lab.cli import CONFIG_DIR  # noqa: E402
+from vae_lab.data import as_float  # noqa: E402
 from vae_lab.engine import run_epoch  # noqa: E402
 from vae_lab.metrics import importance_weighted_nll  # noqa: E402
 from vae_lab.runtime import resolve_device, seed_everything  # noqa: E402
@@ -219,7 +220,7 @@ def hand_iw(model, batches, k: int) -> float:
 def batches_on_device(images, batch_size: int, generator):
     order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
     order = order.to(images.device)
-    return (images[index] for index in order.split(batch_size))
+    return (as_float(images[index]) for index in order.split(batch_size))
 
 
 def batches_from_loader(loader, device):
@@ -316,7 +317,7 @@ def profile_steps(framework, cfg, device, steps: int = 60) -> str:
             synchronize(device)
             marks.append(time.perf_counter())
 
-        x = images[order[(step * batch) % (len(images) - batch):][:batch]]
+        x = as_float(images[order[(step * batch) % (len(images) - batch):][:batch]])
         mark()
         terms = objective(model, x)
         mark()

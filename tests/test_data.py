@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from conftest import DATA_ROOT, needs_full_data
-from vae_lab.data import DataCorruptError, DataNotFoundError, index_batches, load_dataset
+from vae_lab.data import DataCorruptError, DataNotFoundError, as_float, index_batches, load_dataset
 
 
 def test_bundled_sample_is_a_fixed_stratified_4000_1000_split():
     data = load_dataset("mnist_5k")
     assert data.train_images.shape == (4000, 1, 28, 28) and data.test_images.shape == (1000, 1, 28, 28)
-    assert data.train_images.dtype == torch.float32
-    assert 0.0 == data.train_images.min() and data.train_images.max() == 1.0
+    assert data.train_images.dtype == torch.uint8  # 8-bit levels, converted per batch
+    assert 0.0 == as_float(data.train_images).min() and as_float(data.train_images).max() == 1.0
     assert torch.bincount(data.train_labels).tolist() == [400] * 10
     assert torch.bincount(data.test_labels).tolist() == [100] * 10
     assert torch.equal(load_dataset("mnist_5k").test_images, data.test_images)  # fixed, run to run
@@ -23,7 +23,7 @@ def test_full_mnist_from_idx_files():
     data = load_dataset("mnist", root=DATA_ROOT, download=False)
     assert data.train_images.shape == (60000, 1, 28, 28) and data.test_images.shape == (10000, 1, 28, 28)
     assert torch.bincount(data.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    assert abs(data.train_images.mean().item() - 0.1307) < 1e-4
+    assert abs(as_float(data.train_images).mean().item() - 0.1307) < 1e-4
 
 
 def test_limit_caps_each_split():

@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from vae_lab.data import index_batches
+from vae_lab.data import as_float, index_batches
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def run_epoch(
     sync_every: int | None = None,
     shard: tuple[int, int] | None = None,
 ) -> dict[str, float]:
-    """Train (optimizer given) or evaluate (no optimizer) on all `images` (N, C, H, W).
+    """Train (optimizer given) or evaluate (no optimizer) on all `images` (N, C, H, W), uint8 or float (as_float).
 
     `objective(model, x, noise) -> LossTerms` (vae_lab.objectives, possibly under
     autocast or compiled: train.accelerated) owns the forward pass; this loop only
@@ -76,7 +76,7 @@ def run_epoch(
     seen = 0
     with torch.set_grad_enabled(training), bar:  # the bar is closed (its line cleared) before any error is printed
         for step, index in enumerate(bar, start=1):
-            x = images[index]
+            x = as_float(images[index])
             if dynamic_binarization and training:
                 x = torch.bernoulli(x)
             terms = objective(model, x, None if noise is None else noise[index])

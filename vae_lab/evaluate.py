@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae_lab import plots
 from vae_lab.checkpoint import check_data_fits, data_config_here, load_checkpoint, load_model_weights, load_objective_state, resolve_checkpoint_path, saved_config
+from vae_lab.data import as_float
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.files import write_atomic
@@ -264,7 +265,7 @@ def _figures(model, data, mu: torch.Tensor, kl_dims: np.ndarray, active: np.ndar
     per_row = min(ev.images_per_row, len(images))  # a small test split: fewer, shorter rows
     count = min(ev.reconstruction_rows, len(images) // per_row) * per_row
     plots.reconstruction_grid(
-        images[:count], model.mean(model.decode(mu[:count])), folder / "reconstruction.png", per_row=per_row,
+        as_float(images[:count]), model.mean(model.decode(mu[:count])), folder / "reconstruction.png", per_row=per_row,
         title="Reconstruction: odd rows test images, even rows their reconstructions",
     )
     generator = torch.Generator().manual_seed(seed)

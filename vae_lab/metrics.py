@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from vae_lab.data import image_batches
 from vae_lab.engine import progress
 
 # Decoder evaluations per forward pass of the IW bound (images x samples), on any k:
@@ -25,7 +26,7 @@ def encode_all(model, images: torch.Tensor, batch_size: int) -> tuple[torch.Tens
     """Posterior means (N, D) of all images, in evaluation mode, and their log-variances where
     the posterior is a diagonal Gaussian (else None: a flow or hierarchical posterior has none)."""
     model.eval()
-    posteriors = [model.posterior(batch) for batch in images.split(batch_size)]
+    posteriors = [model.posterior(batch) for batch in image_batches(images, batch_size)]
     means = torch.cat([q.mean for q in posteriors])
     gaussian = all(q.gaussian is not None for q in posteriors)
     return means, torch.cat([q.gaussian[1] for q in posteriors]) if gaussian else None
@@ -55,7 +56,7 @@ def kl_per_layer(model, images: torch.Tensor, batch_size: int, seed: int = 0) ->
     generator = torch.Generator().manual_seed(seed)
     total = torch.zeros(len(model.layer_sizes), dtype=torch.float64)
     with model.prior_frozen():
-        for x in images.split(batch_size):
+        for x in image_batches(images, batch_size):
             q = model.posterior(x)
             z = q.rsample(q.standard_noise(generator=generator))
             total += model.kl_layers(q, z).double().sum(0).cpu()
@@ -66,7 +67,7 @@ def kl_per_layer(model, images: torch.Tensor, batch_size: int, seed: int = 0) ->
 def reconstruction_mse(model, images: torch.Tensor, batch_size: int) -> float:
     """Mean squared error per pixel of the reconstruction from the posterior mean."""
     model.eval()
-    total = sum((model.reconstruct(batch) - batch).pow(2).sum().item() for batch in images.split(batch_size))
+    total = sum((model.reconstruct(batch) - batch).pow(2).sum().item() for batch in image_batches(images, batch_size))
     return total / images.numel()
 
 
@@ -85,7 +86,7 @@ def importance_weighted_nll(model, images: torch.Tensor, k: int, *, batch_size: 
     total = 0.0
     images_per_pass = max(1, min(batch_size, chunk))
     with model.prior_frozen():
-        for x in progress(images.split(images_per_pass), f"IW bound (k={k})"):  # (B, C, H, W)
+        for x in progress(image_batches(images, images_per_pass), f"IW bound (k={k})", total=-(-len(images) // images_per_pass)):  # (B, C, H, W)
             total += _iw_log_ratio_sum(model, x, k, chunk, generator)
     return total / len(images)
 

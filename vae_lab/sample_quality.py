@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vae_lab.data import ImageData, index_batches
+from vae_lab.data import ImageData, as_float, image_batches, index_batches
 from vae_lab.engine import progress
 from vae_lab.files import tensors_digest, write_atomic
 
@@ -115,7 +115,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, classes: int, d
     generator = torch.Generator().manual_seed(CLASSIFIER_SEED)
     for _ in progress(range(CLASSIFIER_EPOCHS), "feature classifier", unit="epoch"):
         for batch in index_batches(len(images), CLASSIFIER_BATCH_SIZE, generator=generator, device=device):
-            loss = nn.functional.cross_entropy(network(images[batch]), labels[batch])
+            loss = nn.functional.cross_entropy(network(as_float(images[batch])), labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -125,7 +125,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, classes: int, d
 
 @torch.no_grad()
 def classifier_accuracy(network: FeatureClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
-    predicted = torch.cat([network(batch).argmax(1) for batch in images.split(batch_size)])
+    predicted = torch.cat([network(batch).argmax(1) for batch in image_batches(images, batch_size)])
     return (predicted == labels.to(predicted.device)).float().mean().item()
 
 
@@ -133,7 +133,7 @@ def classifier_accuracy(network: FeatureClassifier, images: torch.Tensor, labels
 def features_and_classes(network: FeatureClassifier, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features (N, FEATURES) on the CPU and predicted classes (N,) of images in [0, 1]."""
     features, classes = [], []
-    for batch in progress(images.split(batch_size), "classifier features"):
+    for batch in progress(image_batches(images, batch_size), "classifier features", total=-(-len(images) // batch_size)):
         h = network.features(batch)
         features.append(h.float().cpu())
         classes.append(network.head(h).argmax(1).cpu())

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from vae_lab import plots
+from vae_lab.data import as_float
 from vae_lab.metrics import encode_all
 from vae_lab.options import SAMPLE_METRICS
 from vae_lab.sample_quality import PR_NEIGHBOURS, cached_classifier, class_histogram, features_and_classes, fidelity, kl_to_uniform, latent_probe
@@ -77,7 +78,7 @@ def sample_quality(
                 for name, sampler in fitted.items()}
         sets["reconstruction"] = decode_images(model, test_means[:n], batch_size)
         floor_rows = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(seed))[:n]
-        sets["floor"] = data.train_images[floor_rows.to(device)]
+        sets["floor"] = as_float(data.train_images[floor_rows.to(device)])
         if data.dynamic_binarization:  # the stored train split holds intensities; the test split a binary draw
             sets["floor"] = torch.bernoulli(sets["floor"].cpu(), generator=torch.Generator().manual_seed(seed)).to(device)
     with _timed(seconds, "features"):

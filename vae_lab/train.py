@@ -22,7 +22,7 @@ from vae_lab.checkpoint import (
     MACHINE_DATA_KEYS, check_data_fits, data_config_here, load_checkpoint, load_model_weights, load_objective_state, plain_config, restore_training_state,
     save_checkpoint, saved_config,
 )
-from vae_lab.data import ImageData
+from vae_lab.data import ImageData, as_float
 from vae_lab.engine import NonFiniteLossError, run_epoch
 from vae_lab.errors import CheckpointError, ConfigError, VaeLabError, sigterm_as_keyboard_interrupt
 from vae_lab.files import write_atomic
@@ -121,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path) -> TaskOutcome:
     config = plain_config(cfg)
     logger = build(cfg.logger)(run_dir) if main else NO_LOGGER
     logger.start(history, config)
-    progress_images = data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row]
+    progress_images = as_float(data.test_images[: cfg.evaluate.reconstruction_rows * cfg.evaluate.images_per_row])
     saved_epoch = start_epoch
     figures = cfg.get("figures", True)
 

@@ -490,10 +490,9 @@ def _training_device(cfg: DictConfig, torch) -> str:
 
 
 def _memory_bytes(device: str, torch) -> int:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        index = torch.device(device).index or 0
-        return torch.cuda.get_device_properties(index).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    from vae_lab.data import device_memory_bytes
+
+    return device_memory_bytes(torch.device(device))
 
 
 def _probe(model, objective, torch, image_shape) -> None:

@@ -1,9 +1,10 @@
 """Data: a whole split as one tensor on the device, and shuffled index batches over it.
 
 A data config is a `_target_` returning ImageData (this package's loaders, or a user's own
-in a trusted module); nothing else names data sets. Each split is converted once to float32
-in [0, 1] and kept where the model runs; a batch is an index slice. This is what makes an
-epoch cost no more than the model's own arithmetic.
+in a trusted module); nothing else names data sets. Each split is kept where the model runs,
+8-bit images as uint8 (a quarter of float32's memory) and everything else as float32 in
+[0, 1]; a batch is an index slice, converted to float by `as_float` as it is taken. This is
+what makes an epoch cost no more than the model's own arithmetic.
 
 Loaders here: load_dataset (MNIST, Fashion-MNIST, the bundled sample: below),
 arrays.load_arrays (.npz), folder.load_image_folder (PNG/JPEG folders), shapes.make_shapes
@@ -55,9 +56,26 @@ class DataNotFoundError(VaeLabError):
 Binarize = Literal[BINARIZE]  # every loader's `binarize` argument: the config check reads the choices from it
 
 
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """Stored images as the models see them, float32 in [0, 1]: uint8 levels k become k / 255
+    (exactly the values a float copy of the whole set would hold); float images are returned as they are."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def image_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """`images` in order, `batch_size` at a time, each batch as float32 (as_float)."""
+    return (as_float(batch) for batch in images.split(batch_size))
+
+
+IMAGE_DTYPES = (torch.uint8, torch.float32)
+
+
 @dataclass(frozen=True)
 class ImageData:
-    """Both splits of a data set: images (N, C, H, W) float32 in [0, 1], C = 1 or 3; labels (N,) int64.
+    """Both splits of a data set: images (N, C, H, W), C = 1 or 3; labels (N,) int64.
+
+    Images are uint8 (the 256 levels of 8-bit data, converted per batch by as_float) or
+    float32 in [0, 1]; a loader of a user's own may return either.
 
     `values` says what a pixel is (VALUE_KINDS), so likelihoods and reports know what a nat
     means; `labelled` is False for data without classes (labels are then all 0), and the
@@ -86,11 +104,15 @@ class ImageData:
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dim() != 4 or images.shape[1] not in (1, 3):
                 raise ValueError(f"{split}_images must be (N, 1 or 3, H, W), got {tuple(images.shape)}")
+            if images.dtype not in IMAGE_DTYPES:
+                raise ValueError(f"{split}_images must be uint8 (0..255) or float32 in [0, 1], got {images.dtype}")
             if labels.shape != (len(images),):
                 raise ValueError(f"{split}_labels must be ({len(images)},), got {tuple(labels.shape)}")
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> ImageData:
-        """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions)."""
+        """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions).
+        A set that would take more than half of the device's memory is refused before it is copied."""
+        _refuse_too_large(self, torch.device(device))
         return replace(
             self,
             train_images=self.train_images.to(device, memory_format=memory_format),
@@ -98,6 +120,12 @@ class ImageData:
             test_images=self.test_images.to(device, memory_format=memory_format),
             test_labels=self.test_labels.to(device),
         )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both splits' images, labels and factors as stored."""
+        return sum(t.numel() * t.element_size() for t in (self.train_images, self.train_labels, self.test_images,
+                                                          self.test_labels, self.train_factors, self.test_factors) if t is not None)
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -126,6 +154,31 @@ class ImageData:
         if self.binarize != "none":
             return VARIANTS[self.binarize]
         return {"8bit": VARIANTS["none"], "binary": "binary images (0/1)", "continuous": "continuous values in [0, 1]"}[self.values]
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory of `device`: a CUDA device's own, else the machine's physical memory."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class DataTooLargeError(VaeLabError):
+    """A data set that cannot sit on the device the run uses."""
+
+
+def _refuse_too_large(data: ImageData, device: torch.device) -> None:
+    if data.train_images.device.type == device.type:
+        return  # nothing is copied
+    needed, available = data.nbytes, device_memory_bytes(device)
+    if needed > available / 2:
+        stored = "uint8" if data.train_images.dtype == torch.uint8 else "float32"
+        raise DataTooLargeError(
+            f"{data.name}: {len(data.train_images):,} + {len(data.test_images):,} images of "
+            f"{' x '.join(map(str, data.image_shape))} take {needed / 2**30:,.1f} GiB as {stored}, more than half of "
+            f"the {available / 2**30:,.0f} GiB of {device.type} memory the run would hold them in. Use fewer images "
+            "(data.limit) or a smaller data.image_size, or a device with more memory."
+        )
 
 
 def values_of(array: np.ndarray) -> str:
@@ -225,8 +278,7 @@ def _torchvision_splits(name: str, root: Path, download: bool) -> tuple[torch.Te
         images = _read_idx(folder / images_name, IMAGES_MAGIC)
         labels = _read_idx(folder / labels_name, LABELS_MAGIC)
         _check_split(folder / images_name, images, folder / labels_name, labels, len(CLASS_NAMES[name]))
-        # (N, 28, 28) uint8 -> (N, 1, 28, 28) float in [0, 1]
-        splits += [images.unsqueeze(1).float().div_(255), labels.long()]
+        splits += [images.unsqueeze(1), labels.long()]  # (N, 28, 28) uint8 -> (N, 1, 28, 28)
     return tuple(splits)
 
 
@@ -328,7 +380,7 @@ def _parsed_bundled_sample() -> tuple[torch.Tensor, ...]:
     train_x, test_x, train_y, test_y = train_test_split(pixels, labels, test_size=1000, stratify=labels, random_state=0)
 
     def to_tensors(x, y):
-        return x.float().div_(255).view(-1, 1, 28, 28), y.clone()
+        return x.reshape(-1, 1, 28, 28).clone(), y.clone()
 
     return (*to_tensors(train_x, train_y), *to_tensors(test_x, test_y))
 
@@ -371,10 +423,10 @@ def _binarize_fixed(data: ImageData) -> ImageData:
     if data.binarize == "none":
         return data
     generator = torch.Generator().manual_seed(BINARIZE_SEED)
-    test = torch.bernoulli(data.test_images, generator=generator)
-    if data.binarize == "dynamic":
+    test = torch.bernoulli(as_float(data.test_images), generator=generator)
+    if data.binarize == "dynamic":  # the training images stay as they are, drawn per batch
         return replace(data, test_images=test)
-    return replace(data, test_images=test, train_images=torch.bernoulli(data.train_images, generator=generator))
+    return replace(data, test_images=test, train_images=torch.bernoulli(as_float(data.train_images), generator=generator))
 
 
 def index_batches(n: int, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> Iterator[torch.Tensor]:

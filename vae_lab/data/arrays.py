@@ -70,7 +70,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 
 
 def _images(path: Path, key: str, array: np.ndarray, layout: str) -> torch.Tensor:
-    """(N, C, H, W) float32 in [0, 1] from uint8 or float pixels, checked."""
+    """(N, C, H, W) uint8 (kept so, converted per batch) or float32 in [0, 1], checked."""
     if array.dtype != np.uint8 and not np.issubdtype(array.dtype, np.floating):
         raise _bad(path, f"{key} has dtype {array.dtype}; use uint8 (0..255) or float in [0, 1]")
     if array.ndim == 3:
@@ -85,7 +85,7 @@ def _images(path: Path, key: str, array: np.ndarray, layout: str) -> torch.Tenso
     if len(array) == 0:
         raise _bad(path, f"{key} holds no images")
     if array.dtype == np.uint8:
-        return torch.from_numpy(np.ascontiguousarray(array)).float().div_(255)
+        return torch.from_numpy(np.ascontiguousarray(array))
     if not np.isfinite(array).all():
         raise _bad(path, f"{key} holds NaN or infinite values")
     low, high = float(array.min()), float(array.max())

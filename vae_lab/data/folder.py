@@ -64,8 +64,7 @@ def load_image_folder(path: str | Path, image_size: int | None = None, channels:
             write_tensor_cache(cache, tensors, CACHE_TENSORS, "the decoded images")
     classes = tuple(tensors["classes"])
     data = ImageData(
-        folder.name, tensors["train_images"].float().div_(255), tensors["train_labels"],
-        tensors["test_images"].float().div_(255), tensors["test_labels"], values="8bit",
+        folder.name, tensors["train_images"], tensors["train_labels"], tensors["test_images"], tensors["test_labels"], values="8bit",
         classes=classes if classes else ("image",), labelled=bool(classes),
     )
     return finish(data, limit, binarize)

@@ -73,7 +73,7 @@ def render_dsprites(count: int, size: int, rng: np.random.Generator) -> tuple[to
 
 
 def render(count: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (count, 3, size, size) float32 on the 256 levels k / 255, factors (count, 6) float32)."""
+    """(images (count, 3, size, size) uint8, 8-bit images as they would be saved, factors (count, 6) float32)."""
     shape = rng.integers(0, len(SHAPES), count)
     colour = rng.integers(0, len(COLOURS), count)
     radius = rng.uniform(0.18, 0.32, count)  # half the shape's extent, as a fraction of the image side
@@ -88,8 +88,8 @@ def render(count: int, size: int, rng: np.random.Generator) -> tuple[torch.Tenso
         part = slice(start, start + CHUNK)
         mask = _masks(shape[part], radius[part], centre_x[part], centre_y[part], angle[part], grid)  # (n, H, W)
         images[part] = mask[:, None] * palette[colour[part]][:, :, None, None]
-    images = np.round(images * 255) / 255  # 8-bit images, as they would be saved: a discrete likelihood applies
-    return torch.from_numpy(images.astype(np.float32)), torch.from_numpy(factors)
+    images = np.round(images * 255).astype(np.uint8)  # 8-bit images: a discrete likelihood applies
+    return torch.from_numpy(images), torch.from_numpy(factors)
 
 
 def _masks(shape, radius, cx, cy, angle, grid) -> np.ndarray:

@@ -56,7 +56,7 @@ def load_torchvision_set(name: Literal[SETS] = "cifar10", root: str | Path = "da
 
 
 def _split(name: str, root: Path, split: str, image_size: int, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 3, H, W) float in [0, 1], labels (N,)) of one split, at most `limit` images."""
+    """(images (N, 3, H, W) uint8, labels (N,)) of one split, at most `limit` images."""
     from torchvision import datasets
 
     if name == "cifar10":
@@ -73,4 +73,4 @@ def _split(name: str, root: Path, split: str, image_size: int, limit: int | None
         count = len(found) if limit is None else min(limit, len(found))
         images = torch.stack([crop(found[i][0]) for i in range(count)]) if count else torch.zeros(0, 3, image_size, image_size)
         labels = torch.zeros(count, dtype=torch.int64)
-    return images.contiguous().float().div_(255), labels.long()
+    return images.contiguous(), labels.long()
