@@ -21,6 +21,7 @@ four copies still hold the same initial weights, so what each reports is printed
 from __future__ import annotations
 
 import argparse
+from copy import deepcopy
 import math
 import platform
 import resource
@@ -76,7 +77,9 @@ def main() -> None:
     data, batch = framework.data, cfg.train.batch_size
     hand_model, hand_optimizer = fresh_copy(framework.model, cfg)
     loader_model, loader_optimizer = fresh_copy(framework.model, cfg)
-    train_loader, test_loader = reference_loaders(args, batch, cfg.evaluate.batch_size)
+    # (c) reads MNIST through torchvision's DataLoader: only when the data are MNIST
+    loader = data.name == "mnist"
+    train_loader, test_loader = reference_loaders(args, batch, cfg.evaluate.batch_size) if loader else (None, None)
     alpha = framework.objective.alpha
     shuffle = torch.Generator().manual_seed(0)
     peer, peer_note = load_pythae(args.no_pythae)
@@ -99,6 +102,9 @@ def main() -> None:
         "b": lambda: hand_iw(hand_model, batches_on_device(iw_images, cfg.evaluate.batch_size, None), 100),
         "c": lambda: hand_iw(loader_model, batches_from_loader(iw_loader(test_loader, args.iw_images), device), 100),
     }
+    if not loader:
+        for variants in (train, test, iw):
+            del variants["c"]
     with tempfile.TemporaryDirectory(prefix="speed-pythae-") as peer_dir:
         if peer is not None:
             peer_model = peer.pythae_vae(fresh_copy(framework.model, cfg)[0], alpha)
@@ -157,16 +163,17 @@ def pythae_version(pythae) -> str:
 
 
 def compose_config(args, device):
-    overrides = [f"device={device}", f"data.root={args.data_root}", "data.download=false", "data.fallback=false",
-                 f"data.limit={args.limit if args.limit else 'null'}", *args.overrides]
+    # MNIST from --data-root unless the overrides choose another data set (e.g. data=shapes)
+    mnist = [] if any(o.startswith("data=") for o in args.overrides) else [
+        f"data.root={args.data_root}", "data.download=false", "data.fallback=false"]
+    overrides = [f"device={device}", *mnist, f"data.limit={args.limit if args.limit else 'null'}", *args.overrides]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
 
 def fresh_copy(model, cfg):
     """The same architecture and initial weights, with its own Adam, for (b) and (c)."""
-    copy = type(model)(**{k: v for k, v in cfg.model.items() if k != "_target_"}).to(next(model.parameters()).device)
-    copy.load_state_dict(model.state_dict())
+    copy = deepcopy(model)  # any data shape: the model as built for the data
     return copy, torch.optim.Adam(copy.parameters(), lr=cfg.optim.lr)
 
 

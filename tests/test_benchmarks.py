@@ -115,3 +115,17 @@ def test_pythae_trainer_starts_from_the_state_it_was_given(peer, reference, tmp_
                         output_dir=tmp_path)
     for key, tensor in wrapped.state_dict().items():
         assert torch.equal(tensor, initial[key]), key
+
+
+def test_the_speed_table_runs_on_colour_data_with_the_hand_loop_on_the_same_uint8_images(tmp_path):
+    import subprocess
+
+    out = tmp_path / "speed.md"
+    result = subprocess.run([sys.executable, "benchmarks/speed.py", "--data-root", str(tmp_path), "--device", "cpu", "--no-pythae",
+                             "--repeats", "1", "--limit", "128", "--iw-images", "16", "--out", str(out),
+                             "data=shapes", "data.image_size=20", "threads=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = out.read_text()
+    assert "| training epoch | 128 |" in table and "(b) hand loop" in table and "(c)" not in table  # (c) is MNIST's DataLoader
+    values = [line for line in table.splitlines() if line.startswith("| ELBO pass (test) |")][-1].split("|")[2:4]
+    assert float(values[0]) == pytest.approx(float(values[1]), rel=1e-4)  # the same loss from the same weights

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, compose_config
+from conftest import DATA_ROOT, REPO, TINY, compose_config, needs_full_data
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import CONFIG_DIR, run_task, threads_per_job
 from vae_lab.errors import ConfigError
@@ -46,6 +46,17 @@ def test_run_py_trains_and_evaluates_into_its_run_directory(tmp_path):
     assert "epoch 1/2" in log and "likelihood report" in log
     # The last thing on the console names the run directory and what to open.
     assert result.stdout.strip().splitlines()[-3].endswith(f"run directory: {tmp_path}")
+
+
+@pytest.mark.slow
+@needs_full_data
+def test_data_given_on_the_command_line_of_evaluate_is_the_data_evaluated_on(tmp_path):
+    run_task(compose_config(), tmp_path / "train")  # the bundled digits
+    result = run_cli("task=evaluate", f"evaluate.checkpoint={tmp_path / 'train'}", "device=cpu", "threads=1", "evaluate=light",
+                     "data=fashion_mnist", f"data.root={DATA_ROOT}", "data.limit=64", f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "eval" / "results" / "metrics.json").read_text())["data"] == "fashion_mnist"
+    assert "evaluating on fashion_mnist, which this command line chose (data=...), not on mnist_5k" in (tmp_path / "eval" / "run.log").read_text()
 
 
 def test_run_py_vae_lab_and_python_m_compose_the_same_config():

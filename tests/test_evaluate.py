@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from conftest import assert_png, read_metrics
+from conftest import DATA_ROOT, assert_png, needs_full_data, read_metrics
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.errors import VaeLabError
@@ -103,6 +103,24 @@ def test_binarized_data_is_reported_as_such(make_cfg, tmp_path):
     run_task(make_cfg("train.epochs=1", "data.limit=64", "data.binarize=static", "train.evaluate_at_end=true"), tmp_path)
     report = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert report["binarize"] == "static" and report["data_variant"].startswith("statically binarized")
+
+
+@needs_full_data
+def test_data_chosen_on_the_command_line_is_evaluated_on_and_said_else_the_checkpoints_own(make_cfg, trained, tmp_path, monkeypatch, caplog):
+    import vae_lab.evaluate as evaluate_module
+
+    other = ("task=evaluate", f"evaluate.checkpoint={trained}", "data=fashion_mnist", f"data.root={DATA_ROOT}", "data.limit=64")
+    run_task(make_cfg(*other), tmp_path / "not_chosen")  # data=... from a config or a default: the checkpoint's data
+    assert json.loads((tmp_path / "not_chosen" / "results" / "metrics.json").read_text())["data"] == "mnist_5k"
+    monkeypatch.setattr(evaluate_module, "_data_group_on_command_line", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="vae_lab.evaluate"):
+        run_task(make_cfg(*other), tmp_path / "chosen")
+    report = json.loads((tmp_path / "chosen" / "results" / "metrics.json").read_text())
+    assert report["data"] == "fashion_mnist" and report["test_images"] == 64
+    assert "evaluating on fashion_mnist, which this command line chose (data=...), not on mnist_5k" in caplog.text
+    with pytest.raises(VaeLabError, match="trained on images of shape \\[1, 28, 28\\].*pass the data it was trained on"):
+        run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}", "data=shapes", "data.train_size=64",
+                          "data.test_size=16"), tmp_path / "refused")
 
 
 def test_evaluate_without_a_checkpoint_says_how(make_cfg, tmp_path):

@@ -65,9 +65,13 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     state = load_checkpoint(path)
     saved = saved_config(state, path, tuple(cfg.trusted_modules))
     device = resolve_device(cfg.device)
-    data_node = OmegaConf.create({"data": data_config_here(state, saved, cfg.data)})
+    chosen_here = _data_chosen_here(cfg, state, saved)
+    data_node = OmegaConf.create({"data": cfg.data if chosen_here else data_config_here(state, saved, cfg.data)})
     data = attempt(data_node, "data", lambda: build(data_node.data)).to(device)
     check_data_fits(state, data, path)
+    if chosen_here:
+        log.warning("evaluating on %s, which this command line chose (data=...), not on %s, which the checkpoint was trained on",
+                    data.name, state.get("data", saved.data.get("name")))
     model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape, saved.posterior)
     load_model_weights(model, state, path)
     load_objective_state(objective, state, path)
@@ -75,6 +79,23 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     objective.to(device)
     return evaluate_model(cfg, model, objective, data, epoch=state["epoch"], checkpoint=path, results_dir=results_dir,
                           started=started)
+
+
+def _data_chosen_here(cfg: DictConfig, state: dict, saved: DictConfig) -> bool:
+    """Whether to evaluate on cfg.data rather than on the checkpoint's own data (at this machine's
+    location): when this command line chose another data set with data=... . check_data_fits then
+    holds it to the checkpoint's image shape and pixel kind (a model evaluated on other data of its
+    kind is a real experiment; data of another kind is refused)."""
+    same_loader = cfg.data.get("_target_") == saved.data.get("_target_")
+    return _data_group_on_command_line() and not (same_loader and cfg.data.get("name") in (state.get("data"), saved.data.get("name")))
+
+
+def _data_group_on_command_line() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    from vae_lab.cli import override_key
+
+    return HydraConfig.initialized() and any(override_key(a) == "data" for a in HydraConfig.get().overrides.task)
 
 
 def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, checkpoint: Path, results_dir: Path,

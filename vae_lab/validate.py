@@ -492,7 +492,8 @@ def _training_device(cfg: DictConfig, torch) -> str:
 def _memory_bytes(device: str, torch) -> int:
     from vae_lab.data import device_memory_bytes
 
-    return device_memory_bytes(torch.device(device))
+    # `device` is the setting (auto, cpu, cuda:1, ...): anything but an available CUDA device is the machine's memory
+    return device_memory_bytes(torch.device(device if device.startswith("cuda") and torch.cuda.is_available() else "cpu"))
 
 
 def _probe(model, objective, torch, image_shape) -> None:
