@@ -112,3 +112,11 @@ def test_the_light_evaluation_is_the_full_one_with_less_sampling_and_the_sweep_r
     assert evaluate_settings("evaluate=light", "evaluate.iw_samples=50")["iw_samples"] == 50  # any key still set alone
     for recipe in ("alpha_latent_sweep", "optuna_search"):
         assert evaluate_settings(f"experiment={recipe}") == light, recipe
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_every_device_setting_passes_the_memory_guards(make_cfg, device):
+    """The size guards read the device's memory for every value of `device` (auto: the machine's without a GPU)."""
+    from vae_lab.validate import validate
+
+    validate(make_cfg(f"device={device}"))
