@@ -113,7 +113,7 @@ def main() -> None:
                 eval_batch_size=cfg.evaluate.batch_size, lr=cfg.optim.lr, device=device, output_dir=peer_dir)
             train["d"] = lambda: peer.train_epoch(trainer)
             test["d"] = lambda: peer.evaluation_pass(trainer)
-            iw["d"] = lambda: peer.importance_weighted_nll(peer_model, iw_images, 100)
+            iw["d"] = lambda: peer.importance_weighted_nll(peer_model, as_float(iw_images), 100)
         # Evaluation first: the four copies still hold the same weights, so their values compare.
         rows = [
             ("ELBO pass (test)", n_test, *time_variants(test, args.repeats, device)),

@@ -56,7 +56,7 @@ def test_data_given_on_the_command_line_of_evaluate_is_the_data_evaluated_on(tmp
                      "data=fashion_mnist", f"data.root={DATA_ROOT}", "data.limit=64", f"hydra.run.dir={tmp_path / 'eval'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert yaml.safe_load((tmp_path / "eval" / "results" / "metrics.json").read_text())["data"] == "fashion_mnist"
-    assert "evaluating on fashion_mnist, which this command line chose (data=...), not on mnist_5k" in (tmp_path / "eval" / "run.log").read_text()
+    assert "other data than the checkpoint was trained on, as this command line asks: mnist_5k -> fashion_mnist" in (tmp_path / "eval" / "run.log").read_text()
 
 
 def test_run_py_vae_lab_and_python_m_compose_the_same_config():

@@ -109,18 +109,28 @@ def test_binarized_data_is_reported_as_such(make_cfg, tmp_path):
 def test_data_chosen_on_the_command_line_is_evaluated_on_and_said_else_the_checkpoints_own(make_cfg, trained, tmp_path, monkeypatch, caplog):
     import vae_lab.evaluate as evaluate_module
 
-    other = ("task=evaluate", f"evaluate.checkpoint={trained}", "data=fashion_mnist", f"data.root={DATA_ROOT}", "data.limit=64")
-    run_task(make_cfg(*other), tmp_path / "not_chosen")  # data=... from a config or a default: the checkpoint's data
-    assert json.loads((tmp_path / "not_chosen" / "results" / "metrics.json").read_text())["data"] == "mnist_5k"
-    monkeypatch.setattr(evaluate_module, "_data_group_on_command_line", lambda: True)
+    def evaluate(name, *overrides, given=()):
+        monkeypatch.setattr(evaluate_module, "_data_overrides_on_command_line", lambda: set(given))
+        run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}", *overrides), tmp_path / name)
+        return json.loads((tmp_path / name / "results" / "metrics.json").read_text())
+
+    other = ("data=fashion_mnist", f"data.root={DATA_ROOT}", "data.limit=64")
+    # data=... from a config file or a default, not this command line: the checkpoint's data
+    assert evaluate("not_given", *other)["data"] == "mnist_5k"
     with caplog.at_level(logging.WARNING, logger="vae_lab.evaluate"):
-        run_task(make_cfg(*other), tmp_path / "chosen")
-    report = json.loads((tmp_path / "chosen" / "results" / "metrics.json").read_text())
+        report = evaluate("chosen", *other, given=("", "root", "limit"))
     assert report["data"] == "fashion_mnist" and report["test_images"] == 64
-    assert "evaluating on fashion_mnist, which this command line chose (data=...), not on mnist_5k" in caplog.text
+    assert "other data than the checkpoint was trained on, as this command line asks: mnist_5k -> fashion_mnist; data.limit=64 (trained: 256)" in caplog.text
+    # The checkpoint's own data with a setting of this command line's: all of them count, not only the data set's name.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vae_lab.evaluate"):
+        report = evaluate("binarized", "data=mnist_5k", "data.binarize=static", "data.limit=32", given=("binarize", "limit"))
+    assert report["binarize"] == "static" and report["test_images"] == 32
+    assert "data.binarize=static (trained: none); data.limit=32 (trained: 256)" in caplog.text
+    with pytest.raises(VaeLabError, match="data.layout: the data the checkpoint was trained on .* has no setting layout; .* data=..."):
+        evaluate("unknown", "data=arrays", "data.path=x.npz", "data.layout=NHWC", given=("layout",))
     with pytest.raises(VaeLabError, match="trained on images of shape \\[1, 28, 28\\].*pass the data it was trained on"):
-        run_task(make_cfg("task=evaluate", f"evaluate.checkpoint={trained}", "data=shapes", "data.train_size=64",
-                          "data.test_size=16"), tmp_path / "refused")
+        evaluate("refused", "data=shapes", "data.train_size=64", "data.test_size=16", given=("", "train_size", "test_size"))
 
 
 def test_evaluate_without_a_checkpoint_says_how(make_cfg, tmp_path):

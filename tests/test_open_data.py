@@ -260,10 +260,16 @@ def test_a_data_set_too_large_for_the_device_is_refused_before_it_is_copied(monk
     assert data.to("meta").train_images.device.type == "meta"
 
 
-def test_a_loader_returning_another_dtype_is_told_which_ones_work():
-    images = torch.zeros(4, 1, 8, 8, dtype=torch.float64)
-    with pytest.raises(ValueError, match="train_images must be uint8 .* or float32 .*float64"):
-        ImageData("mine", images, torch.zeros(4, dtype=torch.long), images.float(), torch.zeros(4, dtype=torch.long))
+@pytest.mark.parametrize("images, values, message", [
+    (torch.zeros(4, 1, 8, 8, dtype=torch.float64), "8bit", r"train_images are torch.float64; return uint8 .* or float32 in \[0, 1\]"),
+    (torch.ones(4, 1, 8, 8, dtype=torch.uint8), "binary", "train_images are uint8 but values='binary': uint8 means the 256 levels"),
+    (torch.full((4, 1, 8, 8), 255.0), "8bit", r"train_images hold values from 255 to 255; float images lie in \[0, 1\]"),
+    (torch.full((4, 1, 8, 8), float("nan")), "continuous", "train_images hold values from nan to nan"),
+])
+def test_a_loader_returning_images_vae_lab_would_misread_is_told_what_to_return(images, values, message):
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(VaeLabError, match=f"the data loader returned an ImageData \\(mine\\) whose {message}"):
+        ImageData("mine", images, labels, torch.zeros(4, 1, 8, 8), labels, values=values)
 
 
 # --- end to end ------------------------------------------------------------------------------

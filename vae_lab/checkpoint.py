@@ -533,15 +533,15 @@ def data_config_here(state: dict, saved: DictConfig, current_data: DictConfig) -
     data = saved.data.copy()
     same_loader = current_data.get("_target_") == data.get("_target_")
     with open_dict(data):
-        if "name" in data:
+        if data.get("name") is not None:  # a data set chosen by name: the one it used (after a fallback)
             data.name = state.get("data", data.name)
         for key in MACHINE_DATA_KEYS:
             if key in data and same_loader and key in current_data:
-                data[key] = _plain_machine_value(key, current_data[key])
+                data[key] = plain_data_value(key, current_data[key])
     return data
 
 
-def _plain_machine_value(key: str, value):
+def plain_data_value(key: str, value):
     """A value of this command line that joins a checkpoint's data config: a plain scalar.
 
     Anything else (a node with a `_target_`, a string that reads as an interpolation once
@@ -549,7 +549,7 @@ def _plain_machine_value(key: str, value):
     """
     if value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and "${" not in value):
         return value
-    raise ConfigError(f"data.{key}={value!r} is not allowed here: use a plain value (a path, true or false), not a config node or an interpolation")
+    raise ConfigError(f"data.{key}={value!r} is not allowed here: use a plain value (a path, a number, true or false), not a config node or an interpolation")
 
 
 def check_data_fits(state: dict, data, path: str | Path) -> None:

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae_lab import plots
-from vae_lab.checkpoint import check_data_fits, data_config_here, load_checkpoint, load_model_weights, load_objective_state, resolve_checkpoint_path, saved_config
+from vae_lab.checkpoint import (
+    MACHINE_DATA_KEYS, check_data_fits, data_config_here, load_checkpoint, load_model_weights, load_objective_state, plain_data_value,
+    resolve_checkpoint_path, saved_config,
+)
 from vae_lab.data import as_float
 from vae_lab.engine import run_epoch
 from vae_lab.errors import ConfigError, VaeLabError
@@ -65,13 +68,10 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
     state = load_checkpoint(path)
     saved = saved_config(state, path, tuple(cfg.trusted_modules))
     device = resolve_device(cfg.device)
-    chosen_here = _data_chosen_here(cfg, state, saved)
-    data_node = OmegaConf.create({"data": cfg.data if chosen_here else data_config_here(state, saved, cfg.data)})
+    data_node = OmegaConf.create({"data": _data_to_evaluate_on(cfg, state, saved)})
     data = attempt(data_node, "data", lambda: build(data_node.data)).to(device)
     check_data_fits(state, data, path)
-    if chosen_here:
-        log.warning("evaluating on %s, which this command line chose (data=...), not on %s, which the checkpoint was trained on",
-                    data.name, state.get("data", saved.data.get("name")))
+    _say_if_other_data(data, data_node.data, data_config_here(state, saved, cfg.data), state)
     model, objective = build_vae(saved.model, saved.prior, saved.loss, data.image_shape, saved.posterior)
     load_model_weights(model, state, path)
     load_objective_state(objective, state, path)
@@ -81,21 +81,47 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str | Path, results_dir: Pa
                           started=started)
 
 
-def _data_chosen_here(cfg: DictConfig, state: dict, saved: DictConfig) -> bool:
-    """Whether to evaluate on cfg.data rather than on the checkpoint's own data (at this machine's
-    location): when this command line chose another data set with data=... . check_data_fits then
-    holds it to the checkpoint's image shape and pixel kind (a model evaluated on other data of its
-    kind is a real experiment; data of another kind is refused)."""
-    same_loader = cfg.data.get("_target_") == saved.data.get("_target_")
-    return _data_group_on_command_line() and not (same_loader and cfg.data.get("name") in (state.get("data"), saved.data.get("name")))
+def _data_to_evaluate_on(cfg: DictConfig, state: dict, saved: DictConfig) -> DictConfig:
+    """The data config to evaluate on: the checkpoint's own (data_config_here: at this machine's
+    location), with the data.* settings this command line gives; or, when it chooses a data set
+    with data=..., that data set as composed. check_data_fits then holds either to the
+    checkpoint's image shape and pixel kind (a model evaluated on other data of its kind is a
+    real experiment; data of another kind is refused)."""
+    given = _data_overrides_on_command_line()
+    if "" in given:
+        return cfg.data
+    node = data_config_here(state, saved, cfg.data)
+    with open_dict(node):
+        for key in given - set(MACHINE_DATA_KEYS):  # data_config_here placed those
+            if key not in node:
+                raise ConfigError(f"data.{key}: the data the checkpoint was trained on ({node.get('_target_')}) has no setting "
+                                  f"{key}; to evaluate on other data, choose it with data=... (and its settings)")
+            node[key] = plain_data_value(key, cfg.data[key])
+    return node
 
 
-def _data_group_on_command_line() -> bool:
+def _say_if_other_data(data, used: DictConfig, trained: DictConfig, state: dict) -> None:
+    """One warning when the data evaluated on is not the data the checkpoint was trained on."""
+    trained_on = state.get("data", trained.get("name"))
+    other = [f"{trained_on} -> {data.name}"] if data.name != trained_on else []
+    show = lambda value: "null" if value is None else value  # noqa: E731  (as the command line writes it)
+    other += [f"data.{key}={show(used.get(key))} (trained: {show(trained.get(key))})" for key in sorted(set(used) | set(trained))
+              if key not in (*MACHINE_DATA_KEYS, "name") and used.get(key) != trained.get(key)]
+    if other:
+        log.warning("evaluating on other data than the checkpoint was trained on, as this command line asks: %s", "; ".join(other))
+
+
+def _data_overrides_on_command_line() -> set[str]:
+    """The data settings this command line gives: "" for the group itself (data=...), else each
+    data.<key>'s top-level key. Empty when no command line composed the config (a task called directly)."""
     from hydra.core.hydra_config import HydraConfig
 
     from vae_lab.cli import override_key
 
-    return HydraConfig.initialized() and any(override_key(a) == "data" for a in HydraConfig.get().overrides.task)
+    if not HydraConfig.initialized():
+        return set()
+    keys = [override_key(a) for a in HydraConfig.get().overrides.task]
+    return {"" if key == "data" else key.split(".")[1] for key in keys if key == "data" or key.startswith("data.")}
 
 
 def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, checkpoint: Path, results_dir: Path,

@@ -70,6 +70,10 @@ def image_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tenso
 IMAGE_DTYPES = (torch.uint8, torch.float32)
 
 
+class ImageDataError(VaeLabError, ValueError):
+    """What a loader returned is not an ImageData that vae_lab can train on (a loader's bug, not a setting)."""
+
+
 @dataclass(frozen=True)
 class ImageData:
     """Both splits of a data set: images (N, C, H, W), C = 1 or 3; labels (N,) int64.
@@ -98,16 +102,27 @@ class ImageData:
     factor_names: tuple[str, ...] = ()
 
     def __post_init__(self):
+        def refuse(what: str):
+            raise ImageDataError(f"the data loader returned an ImageData ({self.name}) whose {what}")
+
         if self.values not in VALUE_KINDS:
-            raise ValueError(f"values must be one of {VALUE_KINDS}, got {self.values!r}")
+            refuse(f"values is {self.values!r}; use one of {VALUE_KINDS}")
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dim() != 4 or images.shape[1] not in (1, 3):
-                raise ValueError(f"{split}_images must be (N, 1 or 3, H, W), got {tuple(images.shape)}")
+                refuse(f"{split}_images has shape {tuple(images.shape)}; images are (N, 1 or 3, H, W)")
             if images.dtype not in IMAGE_DTYPES:
-                raise ValueError(f"{split}_images must be uint8 (0..255) or float32 in [0, 1], got {images.dtype}")
+                refuse(f"{split}_images are {images.dtype}; return uint8 (the levels 0..255) or float32 in [0, 1] (images.float())")
+            if images.dtype == torch.uint8 and self.values != "8bit":
+                refuse(f"{split}_images are uint8 but values={self.values!r}: uint8 means the 256 levels 0..255 (values='8bit'); "
+                       "return 0/1 or continuous pixels as float32 in [0, 1]")
+            if images.dtype == torch.float32 and images.device.type == "cpu" and images.numel():
+                low, high = images.aminmax()
+                if not (0 <= low and high <= 1):  # NaN fails both
+                    refuse(f"{split}_images hold values from {low.item():g} to {high.item():g}; float images lie in [0, 1] "
+                           "(divide 8-bit pixels by 255, or return them as uint8)")
             if labels.shape != (len(images),):
-                raise ValueError(f"{split}_labels must be ({len(images)},), got {tuple(labels.shape)}")
+                refuse(f"{split}_labels has shape {tuple(labels.shape)}; it must be ({len(images)},)")
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> ImageData:
         """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions).
