@@ -242,3 +242,14 @@ def test_an_npz_with_factors_is_judged_like_shapes(tmp_path):
     np.savez(tmp_path / "short.npz", **{**arrays, "f_test": arrays["f_test"][:5]})
     with pytest.raises(VaeLabError, match=r"f_test has shape \(5, 5\).*\(32, K\)"):
         load_arrays(tmp_path / "short.npz")
+
+
+def test_continuous_factors_of_few_codes_are_binned_so_every_metric_is_defined():
+    """32 codes of two continuous factors: each value is held by one code, so the levels are bins
+    (a level of one code would leave the FactorVAE score no vote to take)."""
+    rng = np.random.default_rng(0)
+    factors = rng.uniform(size=(32, 2))
+    levels = factor_levels(factors, bins=8)
+    assert levels.max() < 8 and np.bincount(levels[:, 0]).min() >= 2
+    report = disentanglement_report(rng.normal(size=(32, 4)), factors, ("a", "b"), votes=200)
+    assert all(0 <= report[name] <= 1 for name in ("mig", "sap", "factor_vae_score"))

@@ -43,11 +43,15 @@ INACTIVE_STD = 0.05  # FactorVAE score: dimensions whose codes vary less than th
 
 
 def factor_levels(factors: np.ndarray, bins: int) -> np.ndarray:
-    """(N, K) int: each factor's value as a level index (its own values if few, else equal-count bins)."""
+    """(N, K) int: each factor's value as a level index (its own values if few, else equal-count bins).
+
+    Few means at most MAX_LEVELS values, each held by two codes on average: a factor whose values
+    are nearly all distinct among the codes (a continuous one, few codes) is binned, so that
+    codes share levels (the FactorVAE score fixes a level and needs two codes at it)."""
     levels = np.empty(factors.shape, dtype=np.int64)
     for k in range(factors.shape[1]):
         values, index = np.unique(factors[:, k], return_inverse=True)
-        if len(values) <= MAX_LEVELS:
+        if len(values) <= min(MAX_LEVELS, len(factors) // 2):
             levels[:, k] = index
         else:
             edges = np.quantile(factors[:, k], np.linspace(0, 1, bins + 1)[1:-1])
@@ -188,6 +192,8 @@ def factor_vae_score(codes: np.ndarray, levels: np.ndarray, *, votes: int = 2000
     groups = [[np.flatnonzero(levels[:, k] == value) for value in np.unique(levels[:, k])] for k in range(count)]
     groups = [[g for g in factor if len(g) >= 2] for factor in groups]
     usable = [k for k in range(count) if groups[k]]
+    if not usable:  # no two codes share a level of any factor: no vote can be taken
+        return float("nan")
 
     def vote() -> tuple[int, int]:
         k = usable[rng.integers(len(usable))]
