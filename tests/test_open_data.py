@@ -260,6 +260,16 @@ def test_a_data_set_too_large_for_the_device_is_refused_before_it_is_copied(monk
     assert data.to("meta").train_images.device.type == "meta"
 
 
+def test_an_image_folder_too_large_for_memory_is_refused_from_its_headers_before_decoding(colour_folder, tmp_path, monkeypatch):
+    import vae_lab.data as data_module
+    import vae_lab.data.folder as folder_module
+
+    monkeypatch.setattr(data_module, "device_memory_bytes", lambda device: 2 * 60 * 3 * 32 * 32 - 1)  # just too little
+    monkeypatch.setattr(folder_module, "_pixels", lambda *args: pytest.fail("decoded before the size was checked"))
+    with pytest.raises(DataTooLargeError, match=r"60 images of 3 x 32 x 32 take 0.0 GiB as uint8, more than half .* data.image_size"):
+        load_image_folder(colour_folder, cache_dir=tmp_path / "cache")
+
+
 @pytest.mark.parametrize("images, values, message", [
     (torch.zeros(4, 1, 8, 8, dtype=torch.float64), "8bit", r"train_images are torch.float64; return uint8 .* or float32 in \[0, 1\]"),
     (torch.ones(4, 1, 8, 8, dtype=torch.uint8), "binary", "train_images are uint8 but values='binary': uint8 means the 256 levels"),

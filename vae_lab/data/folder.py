@@ -118,18 +118,23 @@ def _decode(folder: Path, splits: dict, image_size, channels, test_fraction: flo
     class_names = sorted(first) if labelled else []
     decoded = {split: [(path, class_names.index(name) if labelled else 0)
                        for name, files in classes.items() for path in files] for split, classes in splits.items()}
-    pictures = {split: [_open(path) for path, _ in items] for split, items in decoded.items()}
-    everything = [picture for items in pictures.values() for picture in items]
+    # First the headers (mode and size, no pixels decoded), then each image decoded into its place:
+    # memory holds the result, never every decoded picture at its own size.
+    headers = [_open(path, decode=False) for items in decoded.values() for path, _ in items]
     if channels is None:
-        channels = 3 if any(picture.mode not in ("1", "L", "LA", "I", "I;16", "F") for picture in everything) else 1
-    if image_size is None:
-        sizes = {picture.size for picture in everything}
-        if len(sizes) > 1:
-            (w1, h1), (w2, h2) = sorted(sizes)[:2]
-            raise DataCorruptError(f"cannot use {folder}: its images have different sizes ({w1}x{h1}, {w2}x{h2}, ...); "
-                                   "set data.image_size=N to resize and centre-crop every image to N x N")
-    arrays = {split: np.stack([_pixels(picture, channels, image_size) for picture in items])
-              for split, items in pictures.items()}
+        channels = 3 if any(mode not in ("1", "L", "LA", "I", "I;16", "F") for mode, _ in headers) else 1
+    sizes = {size for _, size in headers}
+    if image_size is None and len(sizes) > 1:
+        (w1, h1), (w2, h2) = sorted(sizes)[:2]
+        raise DataCorruptError(f"cannot use {folder}: its images have different sizes ({w1}x{h1}, {w2}x{h2}, ...); "
+                               "set data.image_size=N to resize and centre-crop every image to N x N")
+    height, width = (image_size, image_size) if image_size is not None else next(iter(sizes))[::-1]
+    _refuse_too_large(folder, len(headers), (channels, height, width))
+    arrays = {}
+    for split, items in decoded.items():
+        arrays[split] = np.empty((len(items), channels, height, width), dtype=np.uint8)
+        for index, (path, _) in enumerate(items):
+            arrays[split][index] = _pixels(_open(path), channels, image_size)
     labels = {split: np.array([label for _, label in items], dtype=np.int64) for split, items in decoded.items()}
     if "" in arrays:  # not split on disk: a seeded split
         order = np.random.default_rng(seed).permutation(len(labels[""]))
@@ -144,11 +149,25 @@ def _decode(folder: Path, splits: dict, image_size, channels, test_fraction: flo
             "classes": class_names}
 
 
-def _open(path: Path):
+def _refuse_too_large(folder: Path, count: int, shape: tuple[int, int, int]) -> None:
+    """Refuse, before decoding, a set whose uint8 pixels would take more than half of this machine's memory."""
+    from vae_lab.data import DataTooLargeError, device_memory_bytes
+
+    needed, available = count * int(np.prod(shape)), device_memory_bytes(torch.device("cpu"))
+    if needed > available / 2:
+        raise DataTooLargeError(
+            f"cannot use {folder}: {count:,} images of {' x '.join(map(str, shape))} take {needed / 2**30:,.1f} GiB as uint8, "
+            f"more than half of this machine's {available / 2**30:,.0f} GiB. Use a smaller data.image_size, or fewer images.")
+
+
+def _open(path: Path, decode: bool = True):
+    """The picture at `path`, decoded; or (mode, size) from its header alone (decode=False)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as picture:
+            if not decode:
+                return picture.mode, picture.size
             picture.load()
             return picture.copy()
     except Image.DecompressionBombError as error:  # a small file that would decode to gigapixels
