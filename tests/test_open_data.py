@@ -118,6 +118,14 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
         load_image_folder(folder)
 
 
+def test_an_npz_too_large_for_memory_is_refused_from_its_listing_before_reading(digits_npz, monkeypatch):
+    import vae_lab.data as data_module
+
+    monkeypatch.setattr(data_module, "device_memory_bytes", lambda device: 2 * 136 * 400 - 1)  # less than twice the pixels
+    with pytest.raises(DataTooLargeError, match=r"digits.npz: its arrays take 0.0 GiB uncompressed, more than half"):
+        load_arrays(digits_npz)
+
+
 def test_an_npz_of_python_objects_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, x_train=np.array([{"a": 1}], dtype=object), x_test=np.zeros((1, 1, 2, 2), np.uint8))

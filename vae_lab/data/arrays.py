@@ -59,6 +59,7 @@ def load_arrays(path: str | Path, layout: Literal[LAYOUTS] = "auto", limit: int 
 def _read(path: Path) -> dict[str, np.ndarray]:
     if not zipfile.is_zipfile(path):  # an .npy, a text file, a truncated archive
         raise _bad(path, "it is not an .npz archive (np.savez writes one); save x_train and x_test with np.savez")
+    _refuse_too_large(path)
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
@@ -67,6 +68,23 @@ def _read(path: Path) -> dict[str, np.ndarray]:
                          "save plain numeric arrays") from None
     except (OSError, zipfile.BadZipFile, EOFError, KeyError) as error:
         raise _bad(path, f"it is not a readable .npz file ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+
+
+def _refuse_too_large(path: Path) -> None:
+    """Refuse, before reading, an archive whose arrays (their uncompressed sizes, as the archive lists
+    them) would take more than half of this machine's memory: a large set, or a compressed bomb."""
+    from vae_lab.data import DataTooLargeError, device_memory_bytes
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            needed = sum(member.file_size for member in archive.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return  # reported as unreadable by the reader
+    available = device_memory_bytes(torch.device("cpu"))
+    if needed > available / 2:
+        raise DataTooLargeError(f"cannot use {path}: its arrays take {needed / 2**30:,.1f} GiB uncompressed, more than half of "
+                                f"this machine's {available / 2**30:,.0f} GiB. Save fewer or smaller images (uint8 takes a "
+                                "quarter of float32), or load them with a loader of your own.")
 
 
 def _images(path: Path, key: str, array: np.ndarray, layout: str) -> torch.Tensor:
