@@ -278,6 +278,17 @@ def test_an_image_folder_too_large_for_memory_is_refused_from_its_headers_before
         load_image_folder(colour_folder, cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.parametrize("labels, message", [
+    (torch.zeros(4, dtype=torch.int32), "train_labels are torch.int32; return class indices as int64"),
+    (torch.tensor([0, 1, 2, 10**9]), "train_labels run from 0 to 1000000000; labels are class indices 0, 1, ..., at most 9,999"),
+    (torch.tensor([0, -1, 0, 1]), "train_labels run from -1 to 1"),
+])
+def test_labels_that_are_not_class_indices_are_refused_before_anything_sized_by_them(labels, message):
+    images = torch.zeros(4, 1, 8, 8)
+    with pytest.raises(VaeLabError, match=f"the data loader returned an ImageData \\(mine\\) whose {message}"):
+        ImageData("mine", images, labels, images, torch.zeros(4, dtype=torch.long))
+
+
 @pytest.mark.parametrize("images, values, message", [
     (torch.zeros(4, 1, 8, 8, dtype=torch.float64), "8bit", r"train_images are torch.float64; return uint8 .* or float32 in \[0, 1\]"),
     (torch.ones(4, 1, 8, 8, dtype=torch.uint8), "binary", "train_images are uint8 but values='binary': uint8 means the 256 levels"),

@@ -68,6 +68,7 @@ def image_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tenso
 
 
 IMAGE_DTYPES = (torch.uint8, torch.float32)
+MAX_CLASSES = 10_000  # class names, the feature classifier's head and the class histograms are this long at most
 
 
 class ImageDataError(VaeLabError, ValueError):
@@ -123,6 +124,11 @@ class ImageData:
                            "(divide 8-bit pixels by 255, or return them as uint8)")
             if labels.shape != (len(images),):
                 refuse(f"{split}_labels has shape {tuple(labels.shape)}; it must be ({len(images)},)")
+            if labels.dtype != torch.int64:
+                refuse(f"{split}_labels are {labels.dtype}; return class indices as int64 (labels.long())")
+            if len(labels) and labels.device.type == "cpu" and not (0 <= labels.min() and labels.max() < MAX_CLASSES):
+                refuse(f"{split}_labels run from {labels.min().item()} to {labels.max().item()}; labels are class indices "
+                       f"0, 1, ..., at most {MAX_CLASSES - 1:,} (remap other values to 0..K-1)")
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> ImageData:
         """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions).
