@@ -126,6 +126,14 @@ def test_an_npz_too_large_for_memory_is_refused_from_its_listing_before_reading(
         load_arrays(digits_npz)
 
 
+def test_shapes_too_large_to_draw_in_memory_are_refused_before_drawing(monkeypatch):
+    import vae_lab.data as data_module
+
+    monkeypatch.setattr(data_module, "device_memory_bytes", lambda device: 2 ** 20)
+    with pytest.raises(DataTooLargeError, match=r"data=shapes: 1,100 images of 3 x 32 x 32 .* Lower data.train_size"):
+        make_shapes(train_size=1000, test_size=100)
+
+
 def test_an_npz_of_python_objects_is_refused_without_unpickling(tmp_path):
     path = tmp_path / "objects.npz"
     np.savez(path, x_train=np.array([{"a": 1}], dtype=object), x_test=np.zeros((1, 1, 2, 2), np.uint8))
@@ -294,11 +302,27 @@ def test_labels_that_are_not_class_indices_are_refused_before_anything_sized_by_
     (torch.ones(4, 1, 8, 8, dtype=torch.uint8), "binary", "train_images are uint8 but values='binary': uint8 means the 256 levels"),
     (torch.full((4, 1, 8, 8), 255.0), "8bit", r"train_images hold values from 255 to 255; float images lie in \[0, 1\]"),
     (torch.full((4, 1, 8, 8), float("nan")), "continuous", "train_images hold values from nan to nan"),
+    (torch.full((4, 1, 8, 8), 0.5), "binary", "train_images are marked values='binary' but hold values other than 0 and 1"),
+    (torch.full((4, 1, 8, 8), 0.3), "8bit", "train_images are marked values='8bit' .* not on the 256 levels k / 255"),
+    (torch.zeros(0, 1, 8, 8), "8bit", "train_images hold no images"),
+    (torch.zeros(4, 3, 8, 8), "8bit", r"train_images are \(3, 8, 8\) and test_images \(1, 8, 8\) .*; both splits need one image shape"),
 ])
 def test_a_loader_returning_images_vae_lab_would_misread_is_told_what_to_return(images, values, message):
     labels = torch.zeros(4, dtype=torch.long)
     with pytest.raises(VaeLabError, match=f"the data loader returned an ImageData \\(mine\\) whose {message}"):
-        ImageData("mine", images, labels, torch.zeros(4, 1, 8, 8), labels, values=values)
+        ImageData("mine", images, labels[:len(images)], torch.zeros(4, 1, 8, 8), labels, values=values)
+
+
+@pytest.mark.parametrize("factors, names, message", [
+    (torch.zeros(3, 2), ("a", "b"), r"train_factors has shape \(3, 2\); factors are \(4, 2\)"),
+    (torch.zeros(4, 2), ("a",), r"train_factors has shape \(4, 2\); factors are \(4, 1\)"),
+    (torch.full((4, 1), float("nan")), ("a",), "train_factors hold NaN or infinite values"),
+])
+def test_factors_that_do_not_describe_the_images_are_refused(factors, names, message):
+    images, labels = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(VaeLabError, match=message):
+        ImageData("mine", images, labels, images, labels, train_factors=factors, test_factors=torch.zeros(4, len(names)),
+                  factor_names=names)
 
 
 # --- end to end ------------------------------------------------------------------------------
@@ -325,6 +349,23 @@ def test_a_colour_folder_trains_evaluates_in_colour_and_resumes_bit_exactly(colo
                             f"train.resume={first / 'checkpoints' / 'last.pt'}"), resumed)
     a, b = (load_checkpoint(r / "checkpoints" / "last.pt")["model"] for r in (run, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the data config came from the checkpoint, path and all
+
+
+def test_a_folder_checkpoint_evaluates_on_its_folder_moved_elsewhere(colour_folder, tmp_path, monkeypatch):
+    import shutil
+
+    import vae_lab.evaluate as evaluate_module
+
+    run = tmp_path / "run"
+    run_task(compose_config("data=image_folder", f"data.path={colour_folder}", f"data.cache_dir={tmp_path / 'cache'}",
+                            "model=mlp_vae", "model.hidden_dim=32"), run)
+    moved = shutil.copytree(colour_folder, tmp_path / "moved")
+    # as `python run.py task=evaluate evaluate.checkpoint=RUN data=image_folder data.path=MOVED` gives them
+    monkeypatch.setattr(evaluate_module, "_data_overrides_on_command_line", lambda: {"", "path"})
+    run_task(compose_config("task=evaluate", f"evaluate.checkpoint={run}", "data=image_folder", f"data.path={moved}",
+                            "evaluate=light"), tmp_path / "evaluated")
+    report = json.loads((tmp_path / "evaluated" / "results" / "metrics.json").read_text())
+    assert report["data"] == "moved" and report["test_images"] == 6
 
 
 def test_an_npz_of_another_size_trains_and_evaluates_and_other_data_is_refused(digits_npz, tmp_path):
@@ -559,3 +600,18 @@ def test_a_torchvision_set_whose_files_are_here_loads(name):
 
     data = load_torchvision_set(name, DATA_ROOT, limit=8)
     assert data.train_images.shape[1] == 3 and 0 <= data.train_images.min() <= data.train_images.max() <= 1
+
+
+def test_a_last_batch_of_one_image_is_left_out_of_a_batchnorm_epoch_and_one_image_alone_is_one_line():
+    from vae_lab.engine import run_epoch
+    from vae_lab.model import ConvVAE, MLPVAE
+    from vae_lab.objectives import ELBO
+
+    images = as_float(make_shapes(train_size=65, test_size=1, image_size=20).train_images)  # 65 = 64 + 1
+    model, plain = ConvVAE(latent_dim=2, image_shape=(3, 20, 20)), MLPVAE(latent_dim=2, hidden_dim=8, image_shape=(3, 20, 20))
+    for network in (model, plain):
+        result = run_epoch(network, ELBO(), images, 64, optimizer=torch.optim.Adam(network.parameters()),
+                           generator=torch.Generator().manual_seed(0))
+        assert all(np.isfinite(value) for value in result.values())
+    with pytest.raises(VaeLabError, match="one training image cannot train ConvVAE, whose BatchNorm layers need two or more"):
+        run_epoch(model, ELBO(), images[:1], 64, optimizer=torch.optim.Adam(model.parameters()), generator=torch.Generator())

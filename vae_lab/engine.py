@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vae_lab.data import as_float, index_batches
+from vae_lab.errors import VaeLabError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ def run_epoch(
         noise = torch.randn(n, *objective.noise_shape(model.latent_dim), generator=cpu_generator).to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, recon, kl, summed over images
     batches = list(index_batches(n, batch_size, generator=generator if training else None, device=device))
+    if training and len(batches) > 1 and len(batches[-1]) == 1 and _has_batch_norm(model):
+        # BatchNorm may not train on one image (where a layer's features are 1 x 1): that image sits this
+        # epoch out, and the shuffle puts another one last in the next
+        batches = batches[:-1]
     rank, world = shard if shard is not None and training else (0, 1)
     if world > 1:
         batches = [index[rank::world] for index in batches if len(index) >= world]
@@ -79,7 +84,14 @@ def run_epoch(
             x = as_float(images[index])
             if dynamic_binarization and training:
                 x = torch.bernoulli(x)
-            terms = objective(model, x, None if noise is None else noise[index])
+            try:
+                terms = objective(model, x, None if noise is None else noise[index])
+            except ValueError as error:  # a split of one training image, and a BatchNorm layer that needs two
+                if training and len(x) == 1 and "more than 1 value per channel" in str(error):
+                    raise VaeLabError(f"one training image cannot train {type(model).__name__}, whose BatchNorm layers need "
+                                      "two or more per batch here: use more training images (data.limit, the data set) "
+                                      "or a model without BatchNorm") from None
+                raise
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 terms.total.backward()
@@ -100,7 +112,7 @@ def run_epoch(
         *totals, seen_all = _over_processes(torch.cat([sums, sums.new_tensor([float(seen)])]), world).tolist()
         loss, recon, kl = (total / seen_all for total in totals)
     else:
-        loss, recon, kl = (sums / n).tolist()
+        loss, recon, kl = (sums / seen).tolist()
     return {"loss": loss, "recon": recon, "kl": kl}
 
 
@@ -122,6 +134,10 @@ def progress(iterable, description: str, *, total: int | None = None, unit: str 
                 log.info("%s: %d%s %s after %.0f s", description, done, f" of {total}" if total else "",
                          {"batch": "batches"}.get(unit, unit + "s"), now - started)
                 last = now
+
+
+def _has_batch_norm(model) -> bool:
+    return any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
 
 
 def _over_processes(values: torch.Tensor, world: int) -> torch.Tensor:

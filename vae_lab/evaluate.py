@@ -88,11 +88,14 @@ def _data_to_evaluate_on(cfg: DictConfig, state: dict, saved: DictConfig) -> Dic
     checkpoint's image shape and pixel kind (a model evaluated on other data of its kind is a
     real experiment; data of another kind is refused)."""
     given = _data_overrides_on_command_line()
-    if "" in given:
-        return cfg.data
+    if "" in given:  # resolved here: its interpolations (${evaluate.cache_dir}) refer to the rest of cfg
+        return OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     node = data_config_here(state, saved, cfg.data)
     with open_dict(node):
         for key in given - set(MACHINE_DATA_KEYS):  # data_config_here placed those
+            if key not in cfg.data:  # ~data.<key>
+                raise ConfigError(f"~data.{key}: evaluate takes the data settings of the checkpoint and of this command line; "
+                                  f"set data.{key}=... instead of removing it")
             if key not in node:
                 raise ConfigError(f"data.{key}: the data the checkpoint was trained on ({node.get('_target_')}) has no setting "
                                   f"{key}; to evaluate on other data, choose it with data=... (and its settings)")

@@ -112,6 +112,8 @@ class ImageData:
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dim() != 4 or images.shape[1] not in (1, 3):
                 refuse(f"{split}_images has shape {tuple(images.shape)}; images are (N, 1 or 3, H, W)")
+            if len(images) == 0:
+                refuse(f"{split}_images hold no images; each split needs at least one")
             if images.dtype not in IMAGE_DTYPES:
                 refuse(f"{split}_images are {images.dtype}; return uint8 (the levels 0..255) or float32 in [0, 1] (images.float())")
             if images.dtype == torch.uint8 and self.values != "8bit":
@@ -122,6 +124,14 @@ class ImageData:
                 if not (0 <= low and high <= 1):  # NaN fails both
                     refuse(f"{split}_images hold values from {low.item():g} to {high.item():g}; float images lie in [0, 1] "
                            "(divide 8-bit pixels by 255, or return them as uint8)")
+                _refuse_other_values(images, self.values, split, refuse)
+            factors = getattr(self, f"{split}_factors")
+            if factors is not None:
+                if factors.dim() != 2 or len(factors) != len(images) or factors.shape[1] != len(self.factor_names):
+                    refuse(f"{split}_factors has shape {tuple(factors.shape)}; factors are ({len(images)}, "
+                           f"{len(self.factor_names)}): one row per image, one column per name in factor_names")
+                if not torch.isfinite(factors).all():
+                    refuse(f"{split}_factors hold NaN or infinite values")
             if labels.shape != (len(images),):
                 refuse(f"{split}_labels has shape {tuple(labels.shape)}; it must be ({len(images)},)")
             if labels.dtype != torch.int64:
@@ -129,6 +139,10 @@ class ImageData:
             if len(labels) and labels.device.type == "cpu" and not (0 <= labels.min() and labels.max() < MAX_CLASSES):
                 refuse(f"{split}_labels run from {labels.min().item()} to {labels.max().item()}; labels are class indices "
                        f"0, 1, ..., at most {MAX_CLASSES - 1:,} (remap other values to 0..K-1)")
+
+        if self.train_images.shape[1:] != self.test_images.shape[1:]:
+            refuse(f"train_images are {tuple(self.train_images.shape[1:])} and test_images {tuple(self.test_images.shape[1:])} "
+                   "(C, H, W); both splits need one image shape")
 
     def to(self, device: torch.device | str, memory_format: torch.memory_format = torch.contiguous_format) -> ImageData:
         """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions).
@@ -175,6 +189,17 @@ class ImageData:
         if self.binarize != "none":
             return VARIANTS[self.binarize]
         return {"8bit": VARIANTS["none"], "binary": "binary images (0/1)", "continuous": "continuous values in [0, 1]"}[self.values]
+
+
+def _refuse_other_values(images: torch.Tensor, values: str, split: str, refuse) -> None:
+    """Float pixels that are not what `values` says: the likelihoods would score them as something else."""
+    if values == "binary" and not ((images == 0) | (images == 1)).all():
+        refuse(f"{split}_images are marked values='binary' but hold values other than 0 and 1; use values='continuous'")
+    if values == "8bit":
+        scaled = images * 255
+        if (scaled - scaled.round()).abs().max() > 1e-3:
+            refuse(f"{split}_images are marked values='8bit' (the default) but are not on the 256 levels k / 255; return "
+                   "values='continuous', or the pixels as uint8")
 
 
 def device_memory_bytes(device: torch.device) -> int:
