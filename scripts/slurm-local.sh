@@ -195,7 +195,9 @@ start() {
         if running_pid "$daemon" >/dev/null; then
             continue
         fi
-        "start_$daemon"
+        # A daemon's own start command may fail without a word on stderr (its log has the reason), and
+        # set -e would end this script silently: say so, and judge by whether it comes up.
+        "start_$daemon" || echo "slurm-local: starting $daemon exited with status $?; waiting for it (log: $STATE/log/)" >&2
         wait_for "$daemon" 60 running_pid "$daemon"
         started+=("$daemon")
     done

@@ -17,7 +17,7 @@ from setuptools import find_packages
 import vae_lab.engine as engine
 import vae_lab.train as train_task
 from conftest import REPO, assert_png, read_metrics
-from vae_lab.data import load_dataset
+from vae_lab.data import as_float, load_dataset
 from vae_lab.layout import RUN_ENTRIES, RunLayout
 from vae_lab.model import MLPVAE
 from vae_lab.objectives import ELBO
@@ -93,6 +93,7 @@ def test_the_quick_recipes_duration_is_stated_the_same_everywhere():
 def mean_image_neg_elbo(train_images: torch.Tensor, test_images: torch.Tensor) -> float:
     """-ELBO (nats per image) of a model that ignores its input: the decoder always outputs the
     mean training image and the KL is 0. A broken VAE (collapsed, grey blobs) sits at or above it."""
+    train_images, test_images = as_float(train_images), as_float(test_images)  # 8-bit data are stored as uint8
     mean = train_images.mean(0, keepdim=True).clamp(1e-6, 1 - 1e-6).expand_as(test_images)
     return F.binary_cross_entropy(mean, test_images, reduction="none").flatten(1).sum(1).mean().item()
 
