@@ -12,12 +12,13 @@ arrays.load_arrays (.npz), folder.load_image_folder (PNG/JPEG folders), shapes.m
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -148,7 +149,7 @@ class ImageData:
         """Both splits on `device`; images in `memory_format` (channels_last for NHWC convolutions).
         A set that would take more than half of the device's memory is refused before it is copied."""
         _refuse_too_large(self, torch.device(device))
-        return replace(
+        return _changed(
             self,
             train_images=self.train_images.to(device, memory_format=memory_format),
             train_labels=self.train_labels.to(device),
@@ -213,18 +214,33 @@ class DataTooLargeError(VaeLabError):
     """A data set that cannot sit on the device the run uses."""
 
 
+def refuse_too_large(what: str, needed: int, held: str, remedy: str, device: torch.device = torch.device("cpu")) -> None:
+    """The one memory guard of the data: DataTooLargeError ("{what} take N GiB{held}, ...") when `needed`
+    bytes are more than half of `device`'s memory (device_memory_bytes), before they are spent."""
+    available = device_memory_bytes(device)
+    if needed > available / 2:
+        where = "this machine's" if device.type == "cpu" else f"the {device.type} device's"
+        raise DataTooLargeError(f"{what} take {needed / 2**30:,.1f} GiB{held}, more than half of {where} "
+                                f"{available / 2**30:,.0f} GiB. {remedy}")
+
+
 def _refuse_too_large(data: ImageData, device: torch.device) -> None:
     if data.train_images.device.type == device.type:
         return  # nothing is copied
-    needed, available = data.nbytes, device_memory_bytes(device)
-    if needed > available / 2:
-        stored = "uint8" if data.train_images.dtype == torch.uint8 else "float32"
-        raise DataTooLargeError(
-            f"{data.name}: {len(data.train_images):,} + {len(data.test_images):,} images of "
-            f"{' x '.join(map(str, data.image_shape))} take {needed / 2**30:,.1f} GiB as {stored}, more than half of "
-            f"the {available / 2**30:,.0f} GiB of {device.type} memory the run would hold them in. Use fewer images "
-            "(data.limit) or a smaller data.image_size, or a device with more memory."
-        )
+    stored = "uint8" if data.train_images.dtype == torch.uint8 else "float32"
+    refuse_too_large(f"{data.name}: {len(data.train_images):,} + {len(data.test_images):,} images of "
+                     f"{' x '.join(map(str, data.image_shape))}", data.nbytes, f" as {stored}",
+                     "Use fewer images (data.limit) or a smaller data.image_size, or a device with more memory.", device)
+
+
+def _changed(data: ImageData, **changes) -> ImageData:
+    """`data` with some fields replaced, not checked again: the checks of ImageData read every pixel, and
+    this package's own steps on a loader's return (a limit, the fixed binarizations, a move to the
+    device) keep what they checked true."""
+    changed = copy.copy(data)
+    for key, value in changes.items():
+        object.__setattr__(changed, key, value)
+    return changed
 
 
 def values_of(array: np.ndarray) -> str:
@@ -239,10 +255,10 @@ def finish(data: ImageData, limit: int | None, binarize: str) -> ImageData:
     if binarize not in BINARIZE:
         raise ValueError(f"binarize must be one of {', '.join(BINARIZE)}, got {binarize!r}")
     if limit is not None:
-        data = replace(data, **{key: getattr(data, key)[:limit] for key in (
+        data = _changed(data, **{key: getattr(data, key)[:limit] for key in (
             "train_images", "train_labels", "test_images", "test_labels") if getattr(data, key) is not None},
             **{key: getattr(data, key)[:limit] for key in ("train_factors", "test_factors") if getattr(data, key) is not None})
-    return _binarize_fixed(replace(data, binarize=binarize))
+    return _binarize_fixed(_changed(data, binarize=binarize))
 
 
 def shape_rule(rule):
@@ -471,8 +487,8 @@ def _binarize_fixed(data: ImageData) -> ImageData:
     generator = torch.Generator().manual_seed(BINARIZE_SEED)
     test = torch.bernoulli(as_float(data.test_images), generator=generator)
     if data.binarize == "dynamic":  # the training images stay as they are, drawn per batch
-        return replace(data, test_images=test)
-    return replace(data, test_images=test, train_images=torch.bernoulli(as_float(data.train_images), generator=generator))
+        return _changed(data, test_images=test)
+    return _changed(data, test_images=test, train_images=torch.bernoulli(as_float(data.train_images), generator=generator))
 
 
 def index_batches(n: int, batch_size: int, *, generator: torch.Generator | None = None, device=None) -> Iterator[torch.Tensor]:

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, finish, values_of
+from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, finish, refuse_too_large, values_of
 
 LAYOUTS = ("auto", "NCHW", "NHWC")
 IMAGE_KEYS = ("x_train", "x_test")
@@ -71,20 +71,14 @@ def _read(path: Path) -> dict[str, np.ndarray]:
 
 
 def _refuse_too_large(path: Path) -> None:
-    """Refuse, before reading, an archive whose arrays (their uncompressed sizes, as the archive lists
-    them) would take more than half of this machine's memory: a large set, or a compressed bomb."""
-    from vae_lab.data import DataTooLargeError, device_memory_bytes
-
+    """Before reading: the arrays' uncompressed sizes, as the archive lists them (a large set, or a compressed bomb)."""
     try:
         with zipfile.ZipFile(path) as archive:
             needed = sum(member.file_size for member in archive.infolist())
     except (OSError, zipfile.BadZipFile):
         return  # reported as unreadable by the reader
-    available = device_memory_bytes(torch.device("cpu"))
-    if needed > available / 2:
-        raise DataTooLargeError(f"cannot use {path}: its arrays take {needed / 2**30:,.1f} GiB uncompressed, more than half of "
-                                f"this machine's {available / 2**30:,.0f} GiB. Save fewer or smaller images (uint8 takes a "
-                                "quarter of float32), or load them with a loader of your own.")
+    refuse_too_large(f"cannot use {path}: its arrays", needed, " uncompressed", "Save fewer or smaller images (uint8 takes a "
+                     "quarter of float32), or load them with a loader of your own.")
 
 
 def _images(path: Path, key: str, array: np.ndarray, layout: str) -> torch.Tensor:

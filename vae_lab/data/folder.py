@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, finish, read_tensor_cache, write_tensor_cache
+from vae_lab.data import (
+    Binarize, DataCorruptError, DataNotFoundError, ImageData, finish, read_tensor_cache, refuse_too_large, write_tensor_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ def _decode(folder: Path, splits: dict, image_size, channels, test_fraction: flo
         raise DataCorruptError(f"cannot use {folder}: its images have different sizes ({w1}x{h1}, {w2}x{h2}, ...); "
                                "set data.image_size=N to resize and centre-crop every image to N x N")
     height, width = (image_size, image_size) if image_size is not None else next(iter(sizes))[::-1]
-    _refuse_too_large(folder, len(headers), (channels, height, width))
+    refuse_too_large(f"cannot use {folder}: {len(headers):,} images of {channels} x {height} x {width}",
+                     len(headers) * channels * height * width, " as uint8", "Use a smaller data.image_size, or fewer images.")
     arrays = {}
     for split, items in decoded.items():
         arrays[split] = np.empty((len(items), channels, height, width), dtype=np.uint8)
@@ -147,17 +150,6 @@ def _decode(folder: Path, splits: dict, image_size, channels, test_fraction: flo
     return {"train_images": torch.from_numpy(arrays["train"]), "train_labels": torch.from_numpy(labels["train"]),
             "test_images": torch.from_numpy(arrays["test"]), "test_labels": torch.from_numpy(labels["test"]),
             "classes": class_names}
-
-
-def _refuse_too_large(folder: Path, count: int, shape: tuple[int, int, int]) -> None:
-    """Refuse, before decoding, a set whose uint8 pixels would take more than half of this machine's memory."""
-    from vae_lab.data import DataTooLargeError, device_memory_bytes
-
-    needed, available = count * int(np.prod(shape)), device_memory_bytes(torch.device("cpu"))
-    if needed > available / 2:
-        raise DataTooLargeError(
-            f"cannot use {folder}: {count:,} images of {' x '.join(map(str, shape))} take {needed / 2**30:,.1f} GiB as uint8, "
-            f"more than half of this machine's {available / 2**30:,.0f} GiB. Use a smaller data.image_size, or fewer images.")
 
 
 def _open(path: Path, decode: bool = True):

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vae_lab.data import Binarize, ImageData, finish, shape_rule
+from vae_lab.data import Binarize, ImageData, finish, refuse_too_large, shape_rule
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.15, 0.85, 0.2), "blue": (0.2, 0.35, 1.0),
@@ -35,6 +35,8 @@ DSPRITES_GRID = {
 }
 Preset = Literal["shapes", "dsprites"]
 CHUNK = 4096  # images rendered at once: (CHUNK, H, W) float32 coordinates stay small
+# Rendering holds a split as float32 twice (the masks times the colours, then rounded) besides its uint8 result.
+RENDER_BYTES_PER_PIXEL = 9
 
 
 @shape_rule(lambda image_size=32, preset="shapes", **_: (1 if preset == "dsprites" else 3, image_size, image_size))
@@ -47,7 +49,10 @@ def make_shapes(train_size: int = 10_000, test_size: int = 1_000, image_size: in
         raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
     if preset not in ("shapes", "dsprites"):
         raise ValueError(f"preset must be shapes or dsprites, got {preset!r}")
-    _refuse_too_large(train_size + test_size, (3 if preset == "shapes" else 1, image_size, image_size))
+    count, channels = train_size + test_size, 3 if preset == "shapes" else 1
+    refuse_too_large(f"data=shapes: {count:,} images of {channels} x {image_size} x {image_size}",
+                     count * channels * image_size * image_size * RENDER_BYTES_PER_PIXEL, " while they are drawn",
+                     "Lower data.train_size, data.test_size or data.image_size.")
     draw = render if preset == "shapes" else render_dsprites
     train_x, train_f = draw(train_size, image_size, np.random.default_rng([seed, 0]))
     test_x, test_f = draw(test_size, image_size, np.random.default_rng([seed, 1]))
@@ -57,21 +62,6 @@ def make_shapes(train_size: int = 10_000, test_size: int = 1_000, image_size: in
         train_factors=train_f, test_factors=test_f, factor_names=FACTORS if preset == "shapes" else tuple(DSPRITES_GRID),
     )
     return finish(data, limit, binarize)
-
-
-# Rendering holds a split as float32 twice (the masks times the colours, then rounded) besides its uint8 result.
-RENDER_BYTES_PER_PIXEL = 9
-
-
-def _refuse_too_large(count: int, shape: tuple[int, int, int]) -> None:
-    from vae_lab.data import DataTooLargeError, device_memory_bytes
-
-    stored, available = count * math.prod(shape), device_memory_bytes(torch.device("cpu"))
-    if stored * RENDER_BYTES_PER_PIXEL > available / 2:
-        raise DataTooLargeError(
-            f"data=shapes: {count:,} images of {' x '.join(map(str, shape))} take {stored / 2**30:,.1f} GiB, and about "
-            f"{stored * RENDER_BYTES_PER_PIXEL / 2**30:,.0f} GiB while they are drawn: more than half of this machine's "
-            f"{available / 2**30:,.0f} GiB. Lower data.train_size, data.test_size or data.image_size.")
 
 
 def render_dsprites(count: int, size: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
