@@ -114,17 +114,20 @@ def _say_if_other_data(data, used: DictConfig, trained: DictConfig, state: dict)
         log.warning("evaluating on other data than the checkpoint was trained on, as this command line asks: %s", "; ".join(other))
 
 
-def _data_overrides_on_command_line() -> set[str]:
-    """The data settings this command line gives: "" for the group itself (data=...), else each
-    data.<key>'s top-level key. Empty when no command line composed the config (a task called directly)."""
+def _command_line_keys() -> set[str]:
+    """The keys this command line sets (cli.override_key of each override); none when no command line
+    composed the config (a task called directly)."""
     from hydra.core.hydra_config import HydraConfig
 
     from vae_lab.cli import override_key
 
-    if not HydraConfig.initialized():
-        return set()
-    keys = [override_key(a) for a in HydraConfig.get().overrides.task]
-    return {"" if key == "data" else key.split(".")[1] for key in keys if key == "data" or key.startswith("data.")}
+    return {override_key(a) for a in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
+
+
+def _data_overrides_on_command_line() -> set[str]:
+    """The data settings this command line gives: "" for the group itself (data=...), else each
+    data.<key>'s top-level key."""
+    return {"" if key == "data" else key.split(".")[1] for key in _command_line_keys() if key == "data" or key.startswith("data.")}
 
 
 def evaluate_model(cfg: DictConfig, model, objective, data, *, epoch: int, checkpoint: Path, results_dir: Path,
@@ -221,12 +224,10 @@ def end_of_run_settings(cfg: DictConfig) -> DictConfig:
     the command line sets itself; said in one line. Otherwise cfg as it is."""
     if cfg.evaluate.get("preset") != "auto" or cfg.train.epochs >= SHORT_RUN_EPOCHS:
         return cfg
-    from hydra.core.hydra_config import HydraConfig
-
-    from vae_lab.cli import CONFIG_DIR, override_key
+    from vae_lab.cli import CONFIG_DIR
 
     light = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "evaluate" / "light.yaml"))
-    given = {override_key(o) for o in HydraConfig.get().overrides.task} if HydraConfig.initialized() else set()
+    given = _command_line_keys()
     changed = {key: value for key, value in light.items() if key not in ("defaults", "preset") and f"evaluate.{key}" not in given
                and OmegaConf.select(cfg, f"evaluate.{key}") != value}
     cfg = cfg.copy()
