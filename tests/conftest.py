@@ -114,7 +114,13 @@ def _warm_up() -> None:
 
 @pytest.fixture(autouse=True, scope="session")
 def feature_classifier_cache(tmp_path_factory):
-    """Feature classifiers of every test, and of every run.py a test starts, go to a temporary folder, never ~/.cache."""
+    """Feature classifiers of every test, and of every run.py a test starts, go to a temporary folder, never ~/.cache.
+
+    The bundled sample's cache file is written there first: otherwise the first test of a worker to load
+    the sample writes it, and the tests that count torch.save's calls to fail one of them count it too."""
+    from vae_lab.data import load_dataset
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VAE_LAB_CACHE", str(tmp_path_factory.mktemp("vae_lab_cache")))
+        load_dataset("mnist_5k")
         yield
