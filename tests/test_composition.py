@@ -70,7 +70,8 @@ def test_every_combination_trains_resumes_bit_exactly_and_evaluates(tmp_path, pr
 # the fast tier keeps one of each kind of new learned state (an IAF, a planar flow, an MLP and a conv hierarchy).
 DEEPER = {"iaf": ["posterior=iaf", "posterior.hidden=8"], "planar": ["posterior=planar", "posterior.steps=2"],
           "hvae": ["model=hvae", "model.lower_dims=[2]", "model.hidden_layers=1"],
-          "hvae_conv": ["model=hvae", "model.layers=3", "model.backbone=conv", "model.channels=4", "model.hidden_layers=1"]}
+          "hvae_conv": ["model=hvae", "model.layers=3", "model.backbone=conv", "model.channels=4", "model.hidden_layers=1",
+                        "model.decoder_input=all"]}
 DEEPER_FAST = {("iaf", "vamp", "iwae"), ("planar", "mog", "elbo"), ("hvae", "vamp", "elbo"), ("hvae_conv", "normal", "iwae")}
 DEEPER_COMBINATIONS = [
     pytest.param(kind, p, o, marks=() if (kind, p, o) in DEEPER_FAST else pytest.mark.slow, id=f"{kind}-{p}-{o}")

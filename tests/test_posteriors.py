@@ -126,6 +126,25 @@ def test_a_hierarchical_model_of_one_layer_is_exactly_the_one_layer_vae():
     assert torch.equal(deep.sample(4, generator()), flat.sample(4, generator()))
 
 
+def test_decoder_input_all_feeds_every_layer_to_the_decoder_and_bottom_only_z1():
+    torch.manual_seed(0)
+    z = torch.randn(5, 7)  # layers of 4 (bottom) and 3 (top)
+    moved = z.clone()
+    moved[:, 4:] += 1.0  # the top layer only
+    for decoder_input, top_matters in (("bottom", False), ("all", True)):
+        for backbone in ("mlp", "conv"):
+            model = HierarchicalVAE(latent_dim=3, layers=2, lower_dims=[4], hidden_dim=16, backbone=backbone,
+                                    channels=2, decoder_input=decoder_input).eval()
+            with torch.no_grad():
+                changed = not torch.equal(model.decode(z), model.decode(moved))
+            assert changed == top_matters, (decoder_input, backbone)
+    # one layer: "all" is the bottom layer, the same network
+    torch.manual_seed(1)
+    one = HierarchicalVAE(latent_dim=3, layers=1, hidden_dim=16, decoder_input="all")
+    torch.manual_seed(1)
+    assert torch.equal(one.decode(z[:, :3]), HierarchicalVAE(latent_dim=3, layers=1, hidden_dim=16).decode(z[:, :3]))
+
+
 class IdentityGaussian(Likelihood):
     """N(x; output, sigma^2): a linear decoder makes the model linear-Gaussian."""
 
@@ -240,6 +259,7 @@ class ClosedFormOnlyPrior(Prior):
     (["model=hvae", "model.layers=1000"], "layers must be between 1 and 64, got 1000"),
     (["model=hvae", "model.layers=3", "model.lower_dims=[8]"], "lower_dims lists 1 sizes for the 2 layers below the top"),
     (["model=hvae", "model.layers=0"], "layers must be between 1 and 64, got 0"),
+    (["model=hvae", "model.decoder_input=top"], r"decoder_input one of \('bottom', 'all'\).*'top'"),
 ])
 def test_a_posterior_or_hierarchy_that_cannot_work_is_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -34,6 +34,7 @@ from vae_lab.priors import NormalPrior, Prior
 LOGVAR_RANGE = (-12.0, 8.0)
 MAX_LAYERS = 64  # NVAE's deepest models have about 40 groups; past this a typo, refused before anything is built
 BACKBONES = ("mlp", "conv")
+DECODER_INPUTS = ("bottom", "all")  # the decoder reads z_1 (the ladder VAE) or every layer (the VampPrior paper's HVAE)
 
 
 def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p) -> torch.Tensor:
@@ -48,13 +49,16 @@ class HierarchicalVAE(VAE):
     it, bottom first (null: latent_dim each). Each deterministic block (bottom-up, top-down,
     decoder) is `hidden_layers` dense layers of `hidden_dim` units (0: the heads read their
     input directly); backbone=conv puts two strided convolutions (and the mirror transposed
-    ones) at the pixel end, with `channels` and twice that.
+    ones) at the pixel end, with `channels` and twice that. decoder_input=all feeds the decoder
+    every layer (p(x | z_1, ..., z_L), as Tomczak & Welling's HVAE), which gives the upper layers
+    a direct path to the pixels; bottom (the default) is p(x | z_1).
     """
 
     takes_flow = False  # the posterior is built here, not by the `posterior` group
 
     def __init__(self, latent_dim: int = 32, layers: int = 2, lower_dims=None, hidden_dim: int = 256, hidden_layers: int = 2,
-                 activation: str = "silu", backbone: str = "mlp", channels: int = 32, image_shape=IMAGE_SHAPE,
+                 activation: str = "silu", backbone: str = "mlp", channels: int = 32, decoder_input: str = "bottom",
+                 image_shape=IMAGE_SHAPE,
                  prior: Prior | None = None, likelihood: Likelihood | None = None):
         if not 1 <= layers <= MAX_LAYERS:
             raise ValueError(f"layers must be between 1 and {MAX_LAYERS}, got {layers}")
@@ -64,23 +68,24 @@ class HierarchicalVAE(VAE):
         sizes.append(latent_dim)
         if min(sizes) < 1 or hidden_layers < 0 or hidden_dim < 1 or channels < 1:
             raise ValueError(f"layer sizes, hidden_dim and channels must be >= 1 and hidden_layers >= 0, got sizes {sizes}")
-        if activation not in ACTIVATIONS or backbone not in BACKBONES:
-            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)} and backbone one of {BACKBONES}, "
-                             f"got {activation!r} and {backbone!r}")
+        if activation not in ACTIVATIONS or backbone not in BACKBONES or decoder_input not in DECODER_INPUTS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, backbone one of {BACKBONES} and decoder_input "
+                             f"one of {DECODER_INPUTS}, got {activation!r}, {backbone!r} and {decoder_input!r}")
         super().__init__(sum(sizes), prior if prior is not None else NormalPrior(latent_dim), likelihood)
         self.layer_sizes = tuple(sizes)
+        self.decoder_width = sizes[0] if decoder_input == "bottom" else sum(sizes)  # the first entries of z it reads
         pixels, outputs = math.prod(image_shape), self.likelihood.outputs_per_channel
         width = hidden_dim if hidden_layers else None  # a block's output width (None: its input's)
 
         if backbone == "conv":
-            stem, self.decoder = _conv_ends(image_shape, channels, hidden_dim, sizes[0], outputs, activation)
+            stem, self.decoder = _conv_ends(image_shape, channels, hidden_dim, self.decoder_width, outputs, activation)
             first = hidden_dim
         else:
             stem = nn.Sequential(nn.Flatten(), *_dense_stack(pixels, hidden_dim, hidden_layers, activation))
             first = width or pixels
             self.decoder = nn.Sequential(
-                *_dense_stack(sizes[0], hidden_dim, hidden_layers, activation),
-                nn.Linear(width or sizes[0], pixels * outputs),
+                *_dense_stack(self.decoder_width, hidden_dim, hidden_layers, activation),
+                nn.Linear(width or self.decoder_width, pixels * outputs),
                 nn.Unflatten(1, (image_shape[0] * outputs, *image_shape[1:])),
             )
         self.bottom_up = nn.ModuleList(
@@ -123,7 +128,7 @@ class HierarchicalVAE(VAE):
         return self.bottom_up_gaussians(x)[-1]
 
     def decode(self, z):
-        return self.decoder(z[..., : self.layer_sizes[0]])
+        return self.decoder(z[..., : self.decoder_width])
 
     def prior_log_prob(self, z):
         layers = self.split(z)
