@@ -223,9 +223,13 @@ def _requeue_after_first_epoch(job_dir: Path, env: dict, timeout: float = 240, h
     deadline = time.monotonic() + timeout
     job = _after_first_epoch(job_dir, env, deadline)
     slurm([*how, job], env)
+    requeued = time.monotonic()
     while time.monotonic() < deadline:
         state = slurm(["squeue", "--noheader", f"--jobs={job}", "--format=%T"], env).strip()
-        if state == "PENDING":
+        # slurmd refuses a job whose credential was revoked (by the requeue) in the same second as its start
+        # ("Killing non-startable batch JobId: Job credential revoked"), and the job then ends failed: let the
+        # clock pass the revocation's second before lifting the hold (a loaded machine hit that race).
+        if state == "PENDING" and time.monotonic() - requeued > 2.0:
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
         elif state == "RUNNING" and "Restarts=1" in slurm(["scontrol", "show", "job", job], env):
             return job
