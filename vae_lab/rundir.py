@@ -166,45 +166,6 @@ def _basic_sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def refuse_bad_sweep_values(config: DictConfig) -> None:
-    """Compose and check (vae_lab.validate) the jobs of a basic sweep before the first one runs, so that a
-    value no job can use (`train.alpha=0.1,-1`) stops the command at once, not after the jobs before it.
-
-    Each job whose overrides hold a value no job checked so far is checked: every swept value is, in at
-    most the sum of the lists' lengths of compositions. A value wrong only in combination with another,
-    and the jobs of other sweepers (Optuna's are chosen as it goes), are refused when the job starts."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from vae_lab.cli import composition_error_line
-    from vae_lab.validate import validate
-
-    jobs, seen = _basic_sweep_jobs(config) or [], set()
-    loader = GlobalHydra.instance().config_loader() if jobs else None
-    previous = HydraConfig.instance().cfg
-    try:
-        for number, overrides in enumerate(jobs):
-            if seen.issuperset(overrides):
-                continue
-            seen.update(overrides)
-            try:
-                job = loader.load_sweep_config(config, list(overrides))
-                HydraConfig.instance().set_config(job)  # for ${hydra:...} in the job's settings
-                with read_write(job), open_dict(job):
-                    job.pop("hydra")
-                validate(job)
-            except VaeLabError as error:
-                problem = str(error)
-            except Exception as error:  # Hydra or OmegaConf cannot compose the job
-                problem = composition_error_line(error)
-            else:
-                continue
-            swept = [override for override in overrides if not all(override in other for other in jobs)]
-            _refuse(f"job {number} of this sweep ({' '.join(swept or overrides)}) cannot run: {problem} "
-                    "(nothing was run; fix that value and start the sweep again)")
-    finally:
-        HydraConfig.instance().cfg = previous
-
-
 def _job_subdir(config: DictConfig, number: int, overrides: list[str]) -> str:
     """hydra.sweep.subdir as it resolves for job `number` with these overrides."""
     from hydra._internal.config_loader_impl import get_overrides_dirname
@@ -270,7 +231,6 @@ class RunDirectoryGuard(Callback):
             raw = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
             _refuse(f"hydra.sweep.subdir={raw} gives two jobs of this sweep the same folder ({folder / shared}), so one "
                     "would write over the other. Keep the default ${hydra.job.num}, or include it in the subdir.")
-        refuse_bad_sweep_values(config)
         self._claim("sweep", folder, "hydra.sweep.dir", None if _resuming(config) else SWEEP_RECORD | {"multirun.yaml"})
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
