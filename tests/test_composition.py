@@ -1,6 +1,7 @@
 """Every prior x objective x likelihood trains, evaluates and resumes; a user's own module plugs in."""
 import json
 import sys
+import re
 import textwrap
 
 import pytest
@@ -10,6 +11,7 @@ from conftest import compose_config
 from vae_lab.checkpoint import load_checkpoint, save_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.errors import CheckpointError, ConfigError
+from vae_lab.validate import validate
 
 PRIORS = ["normal", "vamp", "mog"]
 OBJECTIVES = ["elbo", "iwae"]
@@ -136,15 +138,21 @@ def test_a_combination_evaluates_and_says_what_its_nats_are(tmp_path, prior, obj
 
 USER_MODULE = textwrap.dedent('''
     """A user's own model, in a module of their own."""
+    from typing import Annotated
+
     from torch import nn
 
     from vae_lab.model import VAE
+    from vae_lab.options import Range
 
 
     class TinyVAE(VAE):
-        def __init__(self, latent_dim=2, width=16, image_shape=(1, 28, 28), prior=None, likelihood=None):
+        # `channels` here: extra hidden units, 0 = none (vae_lab's ResNetVAE takes channels >= 1; that rule is its own)
+        def __init__(self, latent_dim=2, width: Annotated[int, Range(8, note="hidden units")] = 16, channels: int = 0,
+                     image_shape=(1, 28, 28), prior=None, likelihood=None):
             super().__init__(latent_dim, prior, likelihood)
             pixels = image_shape[0] * image_shape[1] * image_shape[2]
+            width += channels
             self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, width), nn.ReLU(), nn.Linear(width, 2 * latent_dim))
             self.decoder = nn.Sequential(nn.Linear(latent_dim, width), nn.ReLU(), nn.Linear(width, pixels),
                                          nn.Unflatten(1, tuple(image_shape)))
@@ -186,6 +194,17 @@ def test_a_user_model_trains_evaluates_and_resumes(tmp_path, user_module):
     evaluated = tmp_path / "evaluated"
     run_task(compose_config("task=evaluate", "trusted_modules=[my_lab.models]", f"evaluate.checkpoint={resumed}"), evaluated)
     assert json.loads((evaluated / "results" / "metrics.json").read_text())["model"] == "TinyVAE"
+
+
+def test_a_range_is_the_declaring_classs_own_and_a_users_class_declares_its_own(user_module):
+    """Bounds live in the annotation of the argument that takes them (options.Range), not on a setting's name."""
+    validate(user_config("trusted_modules=[my_lab.models]", "+model.channels=0"))  # ResNetVAE's channels >= 1 is not TinyVAE's
+    with pytest.raises(ConfigError, match=re.escape("model.width=4 is not allowed: use a whole number >= 8 (hidden units)")):
+        validate(user_config("trusted_modules=[my_lab.models]", "model.width=4"))
+    with pytest.raises(ConfigError, match=re.escape("model.channels=0 is not allowed: use a whole number >= 1")):
+        validate(compose_config("model=resnet_vae", "model.channels=0"))
+    with pytest.raises(ConfigError, match=re.escape("train.alpha=inf is not allowed")):  # never in range: infinite
+        validate(compose_config("train.alpha=inf"))
 
 
 def test_a_user_model_is_refused_until_its_module_is_trusted(tmp_path, user_module):

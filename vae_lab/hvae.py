@@ -24,7 +24,7 @@ from torch import nn
 
 from vae_lab.likelihoods import Likelihood
 from vae_lab.model import ACTIVATIONS, VAE, _dense_stack, halved_twice
-from vae_lab.options import IMAGE_SHAPE
+from vae_lab.options import IMAGE_SHAPE, Count
 from vae_lab.posteriors import Posterior, log_diagonal_normal
 from vae_lab.priors import NormalPrior, Prior
 
@@ -56,8 +56,8 @@ class HierarchicalVAE(VAE):
 
     takes_flow = False  # the posterior is built here, not by the `posterior` group
 
-    def __init__(self, latent_dim: int = 32, layers: int = 2, lower_dims=None, hidden_dim: int = 256, hidden_layers: int = 2,
-                 activation: str = "silu", backbone: str = "mlp", channels: int = 32, decoder_input: str = "bottom",
+    def __init__(self, latent_dim: Count = 32, layers: int = 2, lower_dims=None, hidden_dim: Count = 256, hidden_layers: Count = 2,
+                 activation: str = "silu", backbone: str = "mlp", channels: Count = 32, decoder_input: str = "bottom",
                  image_shape=IMAGE_SHAPE,
                  prior: Prior | None = None, likelihood: Likelihood | None = None):
         if not 1 <= layers <= MAX_LAYERS:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from vae_lab.likelihoods import Bernoulli, Likelihood
-from vae_lab.options import IMAGE_SHAPE
+from vae_lab.options import IMAGE_SHAPE, Count, Size0
 from vae_lab.posteriors import Diagonal, Flow, Posterior
 from vae_lab.priors import NormalPrior, Prior
 
@@ -34,7 +34,7 @@ class VAE(nn.Module):
 
     layer_sizes: tuple[int, ...]  # latent sizes of the stochastic layers, bottom to top: (latent_dim,) here
 
-    def __init__(self, latent_dim: int, prior: Prior | None = None, likelihood: Likelihood | None = None):
+    def __init__(self, latent_dim: Count, prior: Prior | None = None, likelihood: Likelihood | None = None):
         super().__init__()
         if latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
@@ -159,7 +159,7 @@ class ConvVAE(VAE):
     padding chosen to land on the input size.
     """
 
-    def __init__(self, latent_dim: int = 16, hidden_dim: int = 64, base_channels: int = 16,
+    def __init__(self, latent_dim: Count = 16, hidden_dim: Count = 64, base_channels: Count = 16,
                  image_shape=IMAGE_SHAPE, prior: Prior | None = None, likelihood: Likelihood | None = None):
         super().__init__(latent_dim, prior, likelihood)
         channels, height, width = image_shape
@@ -230,7 +230,7 @@ class MLPVAE(VAE):
     activation=tanh, latent_dim=50 is the one-layer model of Burda et al. (2016).
     """
 
-    def __init__(self, latent_dim: int = 20, hidden_dim: int = 400, hidden_layers: int = 1, activation: str = "relu",
+    def __init__(self, latent_dim: Count = 20, hidden_dim: Count = 400, hidden_layers: Count = 1, activation: str = "relu",
                  image_shape=IMAGE_SHAPE, prior: Prior | None = None, likelihood: Likelihood | None = None):
         super().__init__(latent_dim, prior, likelihood)
         if activation not in ACTIVATIONS:
@@ -268,8 +268,8 @@ class ResNetVAE(VAE):
     the VampPrior's pseudo-inputs and the importance-weighted bound rely on.
     """
 
-    def __init__(self, latent_dim: int = 32, channels: int = 16, blocks: int = 1, decoder_width: int = 2,
-                 hidden_dim: int = 256, image_shape=IMAGE_SHAPE, prior: Prior | None = None,
+    def __init__(self, latent_dim: Count = 32, channels: Count = 16, blocks: Size0 = 1, decoder_width: Count = 2,
+                 hidden_dim: Count = 256, image_shape=IMAGE_SHAPE, prior: Prior | None = None,
                  likelihood: Likelihood | None = None):
         super().__init__(latent_dim, prior, likelihood)
         if min(channels, decoder_width, hidden_dim) < 1 or blocks < 0:

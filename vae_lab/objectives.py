@@ -19,12 +19,13 @@ Monte-Carlo estimate log q(z|x) - log p(z) from the same z (VAE.kl decides).
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple
 
 import torch
 
 from vae_lab.errors import ConfigError
 from vae_lab.likelihoods import Likelihood, make_likelihood
+from vae_lab.options import Count, Range
 from vae_lab.posteriors import log_diagonal_normal
 
 
@@ -108,7 +109,8 @@ class ELBO(Objective):
     (free_bits * latent_dim), since the KL does not split by dimension.
     """
 
-    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: float = 1.0, free_bits: float = 0.0):
+    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: Annotated[float, Range(0)] = 1.0,
+                 free_bits: Annotated[float, Range(0, note="nats per latent dimension; 0 = off")] = 0.0):
         super().__init__(reconstruction)
         if alpha < 0 or free_bits < 0:
             raise ValueError(f"alpha and free_bits must be >= 0, got {alpha} and {free_bits}")
@@ -139,7 +141,7 @@ class IWAE(Objective):
     The reported recon and kl are the ELBO's, averaged over the k samples.
     """
 
-    def __init__(self, reconstruction: str | Likelihood = "bce", k: int = 5):
+    def __init__(self, reconstruction: str | Likelihood = "bce", k: Count = 5):
         super().__init__(reconstruction)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")

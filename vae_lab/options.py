@@ -6,11 +6,12 @@ config validation, which runs before torch is even imported.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 TASKS = ("train", "evaluate", "summarize")
 DATASETS = ("mnist", "fashion_mnist", "mnist_5k")
@@ -97,44 +98,72 @@ def in_package(module_name: str, packages) -> bool:
     return any(isinstance(p, str) and p and (module_name == p or module_name.startswith(p + ".")) for p in packages)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The bounds of a number setting, carried by its type annotation where the setting is declared: a
+    constructor's argument (`k: Annotated[int, Range(1)]`) or a task setting's field below. The config
+    check reads them from there, for whichever class declares the key, and says them in its message;
+    a class of a user's own declares its bounds the same way. Infinite values are never in range."""
+    low: float | None = None
+    high: float | None = None
+    note: str = ""
+
+    def holds(self, value) -> bool:
+        return (math.isfinite(value) and (self.low is None or value >= self.low)
+                and (self.high is None or value <= self.high))
+
+    def words(self, kind: str) -> str:
+        """'a whole number >= 1', 'a number from 0 to 1 (a share)', ... for `kind` ('a whole number', 'a number')."""
+        bounds = (f"from {self.low:,} to {self.high:,}" if self.low is not None and self.high is not None
+                  else f">= {self.low:,}" if self.low is not None else f"<= {self.high:,}")
+        return f"{kind} {bounds}" + (f" ({self.note})" if self.note else "")
+
+
+Count = Annotated[int, Range(1)]  # a size, a number of steps or samples: a whole number >= 1
+Size0 = Annotated[int, Range(0)]  # a whole number >= 0 (0 = none)
+MAX_FIGURE_IMAGES = 10_000
+FigureCount = Annotated[int, Range(1, MAX_FIGURE_IMAGES)]  # drawn in one figure, at once: a huge number is unreadable and may not fit
+
+
 # The plain (non-_target_) nodes, typed like a constructor's arguments, so that the one
 # signature check in validate.py covers them too. Keys not listed here are not type-checked.
 @dataclass
 class TrainSettings:
-    batch_size: int
-    epochs: int
-    alpha: float
-    checkpoint_every: int
-    plot_every: int
+    batch_size: Count
+    epochs: Count
+    alpha: Annotated[float, Range(0, note="0.1 in the reference, 1 for the ELBO")]
+    checkpoint_every: Count
+    plot_every: Count
     resume: Path | None
     evaluate_at_end: bool
     return_metric: str
     amp: bool
     compile: bool | str
     channels_last: bool
-    kl_warmup_epochs: int
+    kl_warmup_epochs: Size0
 
 
 @dataclass
 class EvaluateSettings:
     preset: Literal["auto", "full", "light"]
     checkpoint: Path | None
-    batch_size: int
+    batch_size: Count
     n_components: int
     embedding: str
-    iw_samples: int
-    reconstruction_rows: int
-    images_per_row: int
-    generation_samples: int
-    embedding_points: int
-    iw_limit: int | None
-    gmm_components: int
+    iw_samples: Count
+    reconstruction_rows: FigureCount
+    images_per_row: FigureCount
+    generation_samples: FigureCount
+    embedding_points: Count
+    iw_limit: Count | None
+    gmm_components: Count
     sample_metrics: bool
-    sample_count: int
+    # precision and recall need k + 1 = 4 neighbours within a set; FID a covariance
+    sample_count: Annotated[int, Range(10, note="10000 for figures comparable with the README")]
     samplers: list
     cache_dir: Path
     disentanglement: bool | str
-    disentanglement_codes: int
+    disentanglement_codes: Annotated[int, Range(100)]
 
 
 @dataclass
@@ -145,7 +174,7 @@ class SummarizeSettings:
 @dataclass
 class RunSettings:
     task: str
-    seed: int
+    seed: Annotated[int, Range(*SEED_RANGE)]
     device: str
     figures: bool
     resume: bool

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from vae_lab.options import Count
 from vae_lab.posteriors import log_diagonal_normal  # noqa: F401 (also imported from here)
 
 
@@ -110,7 +111,7 @@ def mixture_log_prob(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor
 class MixturePrior(_Mixture):
     """A learned mixture of `components` diagonal Gaussians (means spread at start, unit variances)."""
 
-    def __init__(self, latent_dim: int, components: int = 10, image_shape=None):
+    def __init__(self, latent_dim: int, components: Count = 10, image_shape=None):
         super().__init__()
         if components < 1:
             raise ValueError(f"components must be >= 1, got {components}")
@@ -129,7 +130,7 @@ class VampPrior(_Mixture):
     encoded by the model's own encoder at every use, so the prior follows the encoder.
     """
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), components: int = 500):
+    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), components: Count = 500):
         super().__init__()
         if components < 1:
             raise ValueError(f"components must be >= 1, got {components}")

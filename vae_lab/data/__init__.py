@@ -29,7 +29,7 @@ import numpy as np
 
 from vae_lab.errors import VaeLabError
 from vae_lab.files import tensors_digest, write_atomic
-from vae_lab.options import BINARIZE, DATASETS, VALUE_KINDS
+from vae_lab.options import BINARIZE, DATASETS, VALUE_KINDS, Count
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class DataNotFoundError(VaeLabError):
 
 
 Binarize = Literal[BINARIZE]  # every loader's `binarize` argument: the config check reads the choices from it
+Limit = Count | None  # every loader's `limit` argument: at most this many images per split, or all of them
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:
@@ -278,7 +279,7 @@ def load_dataset(
     root: str | Path = "data",
     download: bool = True,
     fallback: bool = True,
-    limit: int | None = None,
+    limit: Limit = None,
     binarize: Binarize = "none",
 ) -> ImageData:
     """Read a data set into CPU tensors; see conf/data/*.yaml for the arguments."""

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, finish, refuse_too_large, values_of
+from vae_lab.data import Binarize, DataCorruptError, DataNotFoundError, ImageData, Limit, finish, refuse_too_large, values_of
 
 LAYOUTS = ("auto", "NCHW", "NHWC")
 IMAGE_KEYS = ("x_train", "x_test")
@@ -25,7 +25,7 @@ LABEL_KEYS = ("y_train", "y_test")
 FACTOR_KEYS = ("f_train", "f_test")
 
 
-def load_arrays(path: str | Path, layout: Literal[LAYOUTS] = "auto", limit: int | None = None, binarize: Binarize = "none",
+def load_arrays(path: str | Path, layout: Literal[LAYOUTS] = "auto", limit: Limit = None, binarize: Binarize = "none",
                 name: str | None = None) -> ImageData:
     """The splits of the .npz at `path`; see the module docstring."""
     path = Path(path).expanduser()

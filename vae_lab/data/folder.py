@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vae_lab.data import (
-    Binarize, DataCorruptError, DataNotFoundError, ImageData, finish, read_tensor_cache, refuse_too_large, write_tensor_cache,
+    Binarize, DataCorruptError, DataNotFoundError, ImageData, Limit, finish, read_tensor_cache, refuse_too_large, write_tensor_cache,
 )
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ CACHE_TENSORS = {"train_images": (torch.uint8, (None, None, None, None)), "train
 
 
 def load_image_folder(path: str | Path, image_size: int | None = None, channels: int | None = None,
-                      test_fraction: float = 0.1, seed: int = 0, limit: int | None = None, binarize: Binarize = "none",
+                      test_fraction: float = 0.1, seed: int = 0, limit: Limit = None, binarize: Binarize = "none",
                       cache_dir: str | Path | None = None) -> ImageData:
     """The images under `path` as (train, test) splits; see the module docstring."""
     folder = Path(path).expanduser()

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vae_lab.data import Binarize, ImageData, finish, refuse_too_large, shape_rule
+from vae_lab.data import Binarize, ImageData, Limit, finish, refuse_too_large, shape_rule
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (1.0, 0.15, 0.1), "green": (0.15, 0.85, 0.2), "blue": (0.2, 0.35, 1.0),
@@ -41,7 +41,7 @@ RENDER_BYTES_PER_PIXEL = 9
 
 @shape_rule(lambda image_size=32, preset="shapes", **_: (1 if preset == "dsprites" else 3, image_size, image_size))
 def make_shapes(train_size: int = 10_000, test_size: int = 1_000, image_size: int = 32, seed: int = 0,
-                limit: int | None = None, binarize: Binarize = "none", preset: Preset = "shapes") -> ImageData:
+                limit: Limit = None, binarize: Binarize = "none", preset: Preset = "shapes") -> ImageData:
     """`train_size` + `test_size` images (3 or, for dsprites, 1, image_size, image_size); the test split has its own seed."""
     if train_size < 1 or test_size < 1:
         raise ValueError(f"train_size and test_size must be >= 1, got {train_size} and {test_size}")

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from vae_lab.data import Binarize, DataNotFoundError, ImageData, finish, shape_rule
+from vae_lab.data import Binarize, DataNotFoundError, ImageData, Limit, finish, shape_rule
 
 SETS = ("cifar10", "svhn", "celeba")
 # name -> (the folder under data.root, what goes there)
@@ -34,7 +34,7 @@ CLASSES = {"cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "
 
 @shape_rule(lambda name="cifar10", image_size=64, **_: (3, image_size, image_size) if name == "celeba" else (3, 32, 32))
 def load_torchvision_set(name: Literal[SETS] = "cifar10", root: str | Path = "data", image_size: int = 64,
-                         limit: int | None = None, binarize: Binarize = "none") -> ImageData:
+                         limit: Limit = None, binarize: Binarize = "none") -> ImageData:
     """Both splits of `name` from torchvision's files under `root`; see the module docstring."""
     if name not in SETS:
         raise ValueError(f"name must be one of {', '.join(SETS)}, got {name!r}")
