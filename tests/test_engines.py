@@ -83,11 +83,22 @@ def slurm(arguments: list[str], env: dict) -> str:
     return subprocess.run(arguments, capture_output=True, text=True, env=env, check=True, timeout=60).stdout
 
 
-def accounted_states(job_ids: list[str], env: dict) -> dict[str, str]:
-    """sacct's state of each job (its allocation line, not the batch/step lines)."""
-    out = slurm(["sacct", "--noheader", "--parsable2", "-o", "JobID,State", *[f"-j{j}" for j in job_ids]], env)
-    states = dict(line.split("|") for line in out.splitlines() if line)
-    return {j: states.get(j, "") for j in job_ids}
+UNSETTLED = ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED", "")
+
+
+def accounted_states(job_ids: list[str], env: dict, timeout: float = 60) -> dict[str, str]:
+    """sacct's final state of each job (its allocation line, not the batch/step lines).
+
+    The accounting records a job's end a moment after the job has written its result (and the
+    launcher has returned), so this waits until no job reads as pending or running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = slurm(["sacct", "--noheader", "--parsable2", "-o", "JobID,State", *[f"-j{j}" for j in job_ids]], env)
+        states = dict(line.split("|")[:2] for line in out.splitlines() if line)
+        states = {j: states.get(j, "") for j in job_ids}
+        if all((state.split() or [""])[0] not in UNSETTLED for state in states.values()) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
 
 
 def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> subprocess.Popen:
@@ -168,9 +179,6 @@ def test_a_requeued_slurm_job_continues_in_its_folder_to_the_weights_of_an_unint
     run = ["threads=1", "train.epochs=60", "train.checkpoint_every=1000", "train.plot_every=1000", "model.latent_dim=3"]
     returncode, out, err, job = sweep_while(sweep_dir, run, slurm_env, lambda: _requeue_after_first_epoch(sweep_dir / "0", slurm_env), 400)
     assert returncode == 0, err[-3000:]
-    deadline = time.monotonic() + 60  # the accounting records the end a moment after the job has ended
-    while accounted_states([job], slurm_env)[job] != "COMPLETED" and time.monotonic() < deadline:
-        time.sleep(1)
     assert accounted_states([job], slurm_env)[job] == "COMPLETED"
     assert int(slurm(["scontrol", "show", "job", job], slurm_env).split("Restarts=")[1].split()[0]) == 1
     assert_complete(sweep_dir / "0")
