@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import DATA_ROOT, needs_full_data
+from conftest import DATA_ROOT, TINY, compose_config, needs_full_data
 from vae_lab.cli import CONFIG_DIR
 from vae_lab.data import ImageData
 from vae_lab.model import VAE
@@ -42,6 +42,33 @@ def test_defaults_equal_the_reference_config():
     assert (cfg.scheduler.step_size, cfg.scheduler.gamma) == (30, 0.1)
     assert cfg.loss.reconstruction == "bce" and cfg.data.name == "mnist"
     assert cfg.model.latent_dim == 16
+
+
+@pytest.mark.parametrize("overrides", [
+    (), ("model.latent_dim=3", "train.alpha=0.5"), ("+train.extra=1",), ("++train.alpha=2",),
+    ("~evaluate.embedding_points",), ("data.limit=null", "optim.lr=1e-2"), ("train.epochs=[1,2]",),
+    ("model=hvae", "model.layers=3"), ("model.latent_dim=4", "model=hvae", "posterior=iaf", "posterior.steps=3"),
+    ("experiment=best_nll", "train.epochs=1"), ("hydra.job.name=x",),
+])
+def test_the_tests_shortcut_compose_gives_hydras_config(overrides):
+    """compose_config applies value-only overrides to a cached composition: the same config as Hydra's compose."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        full = compose(config_name="config", overrides=[*TINY, *overrides])
+    fast = compose_config(*overrides)
+    assert OmegaConf.to_yaml(fast) == OmegaConf.to_yaml(full)
+    assert OmegaConf.is_struct(fast) == OmegaConf.is_struct(full) and OmegaConf.is_readonly(fast) == OmegaConf.is_readonly(full)
+    fast.train.alpha = 7.0  # a copy: what one test changes, the next does not see
+    assert compose_config(*overrides).train.alpha != 7.0
+
+
+@pytest.mark.parametrize("bad", [
+    "train.no_such_key=1", "+train.alpha=2", "~train.no_such_key", "model.latent_dim=1,2", "model=no_such_model", "model.no_such=1"])
+def test_the_tests_shortcut_compose_refuses_what_hydra_refuses(bad):
+    with pytest.raises(Exception) as full, initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        compose(config_name="config", overrides=[*TINY, bad])
+    with pytest.raises(type(full.value)) as fast:
+        compose_config(bad)
+    assert str(fast.value).splitlines()[0] == str(full.value).splitlines()[0]
 
 
 @pytest.mark.parametrize("option", options("model"))
