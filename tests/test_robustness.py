@@ -385,7 +385,11 @@ def test_the_catalogue_runs_a_few_cases_end_to_end():
 # with a note) the fast tier checks with "a single test image" and "images_per_row larger than the test split".
 SLOW_IN_PROCESS = {"test split smaller than a grid row", "one embedding point", "t-SNE on fewer points than its perplexity",
                    "a Gaussian mixture on a single training code"}
-CASES = [pytest.param(*case, id=case[0], marks=[pytest.mark.slow] if case[0] in END_TO_END | SLOW_IN_PROCESS else [])
+# The run.py cases run together (see Catalogue.result), so they share one xdist worker: split
+# over two, each worker would run the whole batch of subprocesses.
+END_TO_END_WORKER = pytest.mark.xdist_group("catalogue-end-to-end")
+CASES = [pytest.param(*case, id=case[0], marks=[pytest.mark.slow, END_TO_END_WORKER] if case[0] in END_TO_END
+                      else [pytest.mark.slow] if case[0] in SLOW_IN_PROCESS else [])
          for case in CATALOGUE]
 
 
@@ -410,6 +414,7 @@ def test_bad_input_ends_in_one_clear_message(catalogue, name, overrides, status,
 
 
 @pytest.mark.slow
+@END_TO_END_WORKER
 @pytest.mark.parametrize("name", ["sweep with a constant subdir", "sweep subdir that leaves out the swept key",
                                   "sweep subdir by overrides with a repeated value"])
 def test_a_sweep_whose_jobs_share_a_folder_wrote_no_job(catalogue, name):
