@@ -205,6 +205,12 @@ def test_a_range_is_the_declaring_classs_own_and_a_users_class_declares_its_own(
         validate(compose_config("model=resnet_vae", "model.channels=0"))
     with pytest.raises(ConfigError, match=re.escape("train.alpha=inf is not allowed")):  # never in range: infinite
         validate(compose_config("train.alpha=inf"))
+    huge = "1" + "0" * 400  # a whole number past any float: compared as it is, never converted (no OverflowError)
+    with pytest.raises(ConfigError, match=re.escape(f"seed={huge} is not allowed: use a whole number from 0 to 4,294,967,295")):
+        validate(compose_config(f"seed={huge}"))
+    with pytest.raises(ConfigError, match=re.escape("optim.lr=nan is not allowed")):
+        validate(compose_config("optim.lr=nan"))
+    validate(compose_config(f"optim.lr={huge}"))  # finite, > 0: the optimizer's business, as before
 
 
 def test_a_user_model_is_refused_until_its_module_is_trusted(tmp_path, user_module):

@@ -14,7 +14,7 @@ from vae_lab.data.shapes import DSPRITES_GRID, make_shapes
 from vae_lab.disentanglement import dci, disentanglement_report, factor_levels, factor_vae_score, mig, sap
 from vae_lab.errors import CheckpointError, ConfigError
 from vae_lab.model import MLPVAE
-from vae_lab.objectives import BetaTCVAE, DIPVAE, kl_decomposition
+from vae_lab.objectives import DIPVAE, BetaTCVAE, FactorVAE, kl_decomposition
 from vae_lab.options import DISENTANGLEMENT_METRICS
 from vae_lab.priors import log_diagonal_normal
 from vae_lab.sweep import write_summary
@@ -212,9 +212,12 @@ def test_data_without_factors_leaves_the_metrics_out_unless_asked_for(tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["loss=factor_vae", "train.batch_size=1"], "train.batch_size=1: loss .* needs at least 2 images"),
-    (["loss=beta_tcvae", "loss.beta=-1"], "weights must be >= 0, got beta=-1"),
-    (["loss=dip_vae", "loss.lambda_od=-0.5"], "weights must be >= 0, got lambda_od=-0.5"),
-    (["loss=factor_vae", "loss.gamma=-2"], "weights must be >= 0, got gamma=-2"),
+    (["loss=beta_tcvae", "loss.beta=-1"], r"loss.beta=-1 is not allowed: use a number >= 0"),
+    (["loss=beta_tcvae", "loss.beta=nan"], r"loss.beta=nan is not allowed: use a number >= 0"),
+    (["loss=dip_vae", "loss.lambda_od=-0.5"], r"loss.lambda_od=-0.5 is not allowed: use a number >= 0"),
+    (["loss=factor_vae", "loss.gamma=-2"], r"loss.gamma=-2 is not allowed: use a number >= 0"),
+    (["loss=factor_vae", "loss.gamma=inf"], r"loss.gamma=inf is not allowed: use a number >= 0"),
+    (["loss=factor_vae", "loss.discriminator_lr=nan"], r"loss \(vae_lab.objectives.FactorVAE\) refuses .*discriminator_lr > 0"),
     (["evaluate.disentanglement=maybe"], "evaluate.disentanglement"),
     (["loss=factor_vae", "loss.discriminator_hidden=10000000"], "of them in the objective's own network.*loss"),
 ])
@@ -222,6 +225,14 @@ def test_bad_disentanglement_settings_are_refused_in_one_line(overrides, message
     with pytest.raises(ConfigError, match=message) as refused:
         run_task(compose_config(*overrides), tmp_path)
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("weight", [-1.0, math.nan, math.inf])
+@pytest.mark.parametrize("make", [lambda w: BetaTCVAE(beta=w), lambda w: DIPVAE(lambda_d=w), lambda w: FactorVAE(gamma=w)],
+                         ids=["beta_tcvae", "dip_vae", "factor_vae"])
+def test_an_objective_built_in_python_refuses_a_weight_that_is_not_a_finite_number_at_least_0(make, weight):
+    with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+        make(weight)
 
 
 def test_an_npz_with_factors_is_judged_like_shapes(tmp_path):

@@ -28,6 +28,8 @@ from vae_lab.likelihoods import Likelihood, make_likelihood
 from vae_lab.options import Count, Range
 from vae_lab.posteriors import log_diagonal_normal
 
+Weight = Annotated[float, Range(0)]  # the weight of a term of an objective: a finite number >= 0
+
 
 class LossTerms(NamedTuple):
     """Batch means: what is minimised, and the -ELBO's two terms at alpha = 1."""
@@ -95,9 +97,9 @@ class Objective:
 
     @staticmethod
     def _check_weights(**weights) -> None:
-        negative = [f"{name}={value}" for name, value in weights.items() if value < 0]
-        if negative:
-            raise ValueError(f"weights must be >= 0, got {', '.join(negative)}")
+        bad = [f"{name}={value}" for name, value in weights.items() if not (math.isfinite(value) and value >= 0)]
+        if bad:
+            raise ValueError(f"weights must be finite and >= 0, got {', '.join(bad)}")
 
 
 class ELBO(Objective):
@@ -109,7 +111,7 @@ class ELBO(Objective):
     (free_bits * latent_dim), since the KL does not split by dimension.
     """
 
-    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: Annotated[float, Range(0)] = 1.0,
+    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: Weight = 1.0,
                  free_bits: Annotated[float, Range(0, note="nats per latent dimension; 0 = off")] = 0.0):
         super().__init__(reconstruction)
         if alpha < 0 or free_bits < 0:
@@ -185,7 +187,7 @@ class BetaTCVAE(Objective):
 
     min_batch = 2
 
-    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: float = 1.0, beta: float = 6.0, gamma: float = 1.0,
+    def __init__(self, reconstruction: str | Likelihood = "bce", alpha: Weight = 1.0, beta: Weight = 6.0, gamma: Weight = 1.0,
                  estimator: Literal["mss", "mws"] = "mss"):
         super().__init__(reconstruction)
         self._check_weights(alpha=alpha, beta=beta, gamma=gamma)
@@ -256,11 +258,11 @@ class FactorVAE(Objective):
 
     min_batch = 2  # no permutation of one code
 
-    def __init__(self, reconstruction: str | Likelihood = "bce", gamma: float = 10.0, discriminator_hidden: int = 256,
-                 discriminator_layers: int = 3, discriminator_lr: float = 1e-4):
+    def __init__(self, reconstruction: str | Likelihood = "bce", gamma: Weight = 10.0, discriminator_hidden: Count = 256,
+                 discriminator_layers: Count = 3, discriminator_lr: float = 1e-4):
         super().__init__(reconstruction)
         self._check_weights(gamma=gamma)
-        if discriminator_hidden < 1 or discriminator_layers < 1 or discriminator_lr <= 0:
+        if discriminator_hidden < 1 or discriminator_layers < 1 or not 0 < discriminator_lr < math.inf:
             raise ValueError("discriminator_hidden and discriminator_layers must be >= 1 and discriminator_lr > 0, got "
                              f"{discriminator_hidden}, {discriminator_layers} and {discriminator_lr}")
         self.gamma = float(gamma)
@@ -330,7 +332,7 @@ class DIPVAE(Objective):
         if self.dip_type == "ii":  # type i reads the posterior means only, which every posterior has
             self._needs_gaussian_posterior(model, "loss=dip_vae with dip_type=ii")
 
-    def __init__(self, reconstruction: str | Likelihood = "bce", lambda_od: float = 10.0, lambda_d: float = 100.0,
+    def __init__(self, reconstruction: str | Likelihood = "bce", lambda_od: Weight = 10.0, lambda_d: Weight = 100.0,
                  dip_type: Literal["i", "ii"] = "i"):
         super().__init__(reconstruction)
         self._check_weights(lambda_od=lambda_od, lambda_d=lambda_d)

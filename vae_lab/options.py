@@ -93,6 +93,11 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_finite(value) -> bool:
+    """A number that is not inf or nan (a whole number is, however large: no float conversion)."""
+    return is_int(value) or (is_number(value) and math.isfinite(value))
+
+
 def in_package(module_name: str, packages) -> bool:
     """Whether `module_name` is one of `packages` or inside one, by whole dotted names."""
     return any(isinstance(p, str) and p and (module_name == p or module_name.startswith(p + ".")) for p in packages)
@@ -109,7 +114,7 @@ class Range:
     note: str = ""
 
     def holds(self, value) -> bool:
-        return (math.isfinite(value) and (self.low is None or value >= self.low)
+        return (is_finite(value) and (self.low is None or value >= self.low)
                 and (self.high is None or value <= self.high))
 
     def words(self, kind: str) -> str:

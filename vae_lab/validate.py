@@ -33,7 +33,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from vae_lab.errors import ConfigError, VaeLabError
 from vae_lab.options import (
     BUILT_INSIDE, BUILT_WITH_MODEL, EMBEDDINGS, GROUP_BASES, IMAGE_SHAPE, N_COMPONENTS, OWN_PACKAGES, RECONSTRUCTIONS, RETURN_METRICS,
-    SAMPLERS, SETTINGS, TASKS, Range, RunSettings, config_entries, in_package, is_int, is_number, usable_cores,
+    SAMPLERS, SETTINGS, TASKS, Range, RunSettings, config_entries, in_package, is_finite, is_int, is_number, usable_cores,
 )
 
 # Groups the dry build does not build: building the data reads the data set (the task does that once).
@@ -74,7 +74,7 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
                           "continues the run folder in place, train.resume continues a checkpoint into a new folder. Choose one.")
     # Ranges are declared with the setting (options.Range in a constructor's or a task setting's annotation)
     # and checked with its type in _check_types; only torch's own optimizer and the machine are ruled on here.
-    _check(cfg, "optim.lr", lambda v: is_number(v) and math.isfinite(v) and v > 0, "a number > 0 (e.g. 0.001)")
+    _check(cfg, "optim.lr", lambda v: is_finite(v) and v > 0, "a number > 0 (e.g. 0.001)")
     cores = usable_cores()
     _check(cfg, "threads", lambda v: v is None or v == "auto" or (_is_positive_int(v) and v <= cores),
            f"auto (the cores free now), null (torch's default) or a whole number from 1 to {cores} (the cores this process may use)")
