@@ -14,7 +14,7 @@ from vae_lab.data.shapes import DSPRITES_GRID, make_shapes
 from vae_lab.disentanglement import dci, disentanglement_report, factor_levels, factor_vae_score, mig, sap
 from vae_lab.errors import CheckpointError, ConfigError
 from vae_lab.model import MLPVAE
-from vae_lab.objectives import DIPVAE, BetaTCVAE, FactorVAE, kl_decomposition
+from vae_lab.objectives import DIPVAE, ELBO, BetaTCVAE, FactorVAE, kl_decomposition
 from vae_lab.options import DISENTANGLEMENT_METRICS
 from vae_lab.priors import log_diagonal_normal
 from vae_lab.sweep import write_summary
@@ -228,8 +228,9 @@ def test_bad_disentanglement_settings_are_refused_in_one_line(overrides, message
 
 
 @pytest.mark.parametrize("weight", [-1.0, math.nan, math.inf])
-@pytest.mark.parametrize("make", [lambda w: BetaTCVAE(beta=w), lambda w: DIPVAE(lambda_d=w), lambda w: FactorVAE(gamma=w)],
-                         ids=["beta_tcvae", "dip_vae", "factor_vae"])
+@pytest.mark.parametrize("make", [lambda w: BetaTCVAE(beta=w), lambda w: DIPVAE(lambda_d=w), lambda w: FactorVAE(gamma=w),
+                                  lambda w: ELBO(alpha=w), lambda w: ELBO(free_bits=w)],
+                         ids=["beta_tcvae", "dip_vae", "factor_vae", "elbo_alpha", "elbo_free_bits"])
 def test_an_objective_built_in_python_refuses_a_weight_that_is_not_a_finite_number_at_least_0(make, weight):
     with pytest.raises(ValueError, match="weights must be finite and >= 0"):
         make(weight)

@@ -25,7 +25,7 @@ import torch
 
 from vae_lab.errors import ConfigError
 from vae_lab.likelihoods import Likelihood, make_likelihood
-from vae_lab.options import Count, Range
+from vae_lab.options import Count, Range, is_finite
 from vae_lab.posteriors import log_diagonal_normal
 
 Weight = Annotated[float, Range(0)]  # the weight of a term of an objective: a finite number >= 0
@@ -97,7 +97,7 @@ class Objective:
 
     @staticmethod
     def _check_weights(**weights) -> None:
-        bad = [f"{name}={value}" for name, value in weights.items() if not (math.isfinite(value) and value >= 0)]
+        bad = [f"{name}={value}" for name, value in weights.items() if not (is_finite(value) and value >= 0)]
         if bad:
             raise ValueError(f"weights must be finite and >= 0, got {', '.join(bad)}")
 
@@ -114,8 +114,7 @@ class ELBO(Objective):
     def __init__(self, reconstruction: str | Likelihood = "bce", alpha: Weight = 1.0,
                  free_bits: Annotated[float, Range(0, note="nats per latent dimension; 0 = off")] = 0.0):
         super().__init__(reconstruction)
-        if alpha < 0 or free_bits < 0:
-            raise ValueError(f"alpha and free_bits must be >= 0, got {alpha} and {free_bits}")
+        self._check_weights(alpha=alpha, free_bits=free_bits)
         self.alpha = float(alpha)
         self.free_bits = float(free_bits)
 
