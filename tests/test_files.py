@@ -1,10 +1,12 @@
 """Every file vae_lab writes is created inside its folder without following a link (vae_lab.files)."""
 import json
 import os
+import signal
 
 import pytest
 from omegaconf import OmegaConf
 
+from vae_lab.errors import sigterm_as_keyboard_interrupt
 from vae_lab.files import open_append, write_atomic
 from vae_lab.layout import LOCK_FILE
 from vae_lab.rundir import RunDirectoryError, claim, leftovers, run_record
@@ -40,6 +42,24 @@ def test_write_atomic_leaves_the_old_file_whole_when_the_writer_fails(tmp_path):
     with pytest.raises(RuntimeError, match="disk vanished"):
         write_atomic(target, fails)
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_during_a_write_waits_until_the_file_is_whole(tmp_path, number):
+    """Raised inside torch.save's writer, an interrupt becomes torch's "unexpected pos" error (a false full disk)."""
+    import torch
+
+    state = {"weights": torch.arange(100_000, dtype=torch.float32)}
+
+    def save(file):
+        os.kill(os.getpid(), number)  # as SLURM's requeue or a Ctrl-C, in the middle of the checkpoint
+        torch.save(state, file)
+
+    with sigterm_as_keyboard_interrupt(), pytest.raises(KeyboardInterrupt) as interrupted:
+        write_atomic(tmp_path / "last.pt", save)
+    assert interrupted.value.args[:1] == ((15,) if number == signal.SIGTERM else ())  # the same interrupt, after the write
+    assert torch.equal(torch.load(tmp_path / "last.pt")["weights"], state["weights"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
 
 
 def test_appending_refuses_a_planted_link(tmp_path, victim):

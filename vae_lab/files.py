@@ -3,7 +3,9 @@
 `write_atomic` creates a new file beside the target (exclusively: a name planted there,
 link or not, is never opened), writes, flushes and fsyncs it under an flock, and renames
 it over the target. A rename replaces a symbolic link planted at the target's name
-itself, never the file it points to. `open_append` is for the one file that grows
+itself, never the file it points to. Ctrl-C and SIGTERM wait until the write is done: raised
+inside a write, the interrupt would leave no file, and inside torch.save's writer it turns into
+torch's "unexpected pos" error, which reads as a full disk. `open_append` is for the one file that grows
 (metrics.csv): opened without following a link.
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import errno
 import hashlib
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +42,33 @@ def write_atomic(path: Path, content: bytes | str | Callable[[BinaryIO], None]) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_name(path)
+    with _interrupts_deferred():
+        _write_and_rename(path, temporary, content)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT and SIGTERM that arrive meanwhile are held, then raised again once the file is whole.
+
+    Python runs signal handlers in the main thread whichever thread the signal reaches, so the
+    handlers are swapped there (a mask would hold them off one thread only). Elsewhere, or when a
+    handler was not set from Python, nothing is deferred."""
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, numbers):
+        yield
+        return
+    pending = []
+    previous = {number: signal.signal(number, lambda number, _frame: pending.append(number)) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(pending):
+            signal.raise_signal(number)
+
+
+def _write_and_rename(path: Path, temporary: Path, content) -> None:
     try:
         # 0o666 & ~umask, as open() gives (mkstemp's 0600 would stay on the final file).
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NO_FOLLOW, 0o666)
