@@ -55,11 +55,18 @@ def test_an_interrupt_during_a_write_waits_until_the_file_is_whole(tmp_path, num
         os.kill(os.getpid(), number)  # as SLURM's requeue or a Ctrl-C, in the middle of the checkpoint
         torch.save(state, file)
 
-    with sigterm_as_keyboard_interrupt(), pytest.raises(KeyboardInterrupt) as interrupted:
-        write_atomic(tmp_path / "last.pt", save)
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (nohup and CI may ignore it)
+    try:
+        with sigterm_as_keyboard_interrupt(), pytest.raises(KeyboardInterrupt) as interrupted:
+            handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            try:
+                write_atomic(tmp_path / "last.pt", save)
+            finally:
+                assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # the handlers are back
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert interrupted.value.args[:1] == ((15,) if number == signal.SIGTERM else ())  # the same interrupt, after the write
     assert torch.equal(torch.load(tmp_path / "last.pt")["weights"], state["weights"])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
 
 
 def test_appending_refuses_a_planted_link(tmp_path, victim):
