@@ -149,3 +149,12 @@ def feature_classifier_cache(tmp_path_factory):
         patch.setenv("VAE_LAB_CACHE", str(tmp_path_factory.mktemp("vae_lab_cache")))
         load_dataset("mnist_5k")
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tier first, the rest in file order behind it.
+
+    pytest-xdist hands out tests in collection order. In file order the long end-to-end runs of
+    the last files started near the end, and one worker ran them while the other sat idle; run
+    first, they overlap the many short tests, which then fill both workers to the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
