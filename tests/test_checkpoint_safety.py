@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, compose_config, shared_run
+from forked import run_py
 import vae_lab.checkpoint as checkpoint
 from vae_lab.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint, save_checkpoint, tensors_digest
 from vae_lab.cli import run_task
@@ -116,10 +117,7 @@ def test_a_config_that_could_build_something_is_refused_before_anything_is_built
 @pytest.mark.slow
 def test_the_resolver_exploit_through_run_py_is_one_line_and_exit_2(state, victim, tmp_path):
     crafted = craft(with_config(state, lambda c: c["model"].update(latent_dim=RESOLVER.replace("VICTIM", str(victim)))), tmp_path / "x.pt")
-    result = subprocess.run(
-        [sys.executable, "run.py", *TINY, "task=evaluate", f"evaluate.checkpoint={crafted}", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
+    result = run_py(["run.py", *TINY, "task=evaluate", f"evaluate.checkpoint={crafted}", f"hydra.run.dir={tmp_path / 'run'}"])
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]
     assert f"refused {crafted}: {INTERPOLATION_REFUSED}" in output
@@ -264,8 +262,7 @@ def assert_stopped_at_epoch_1(run: Path, message: str) -> None:
 @pytest.mark.slow
 def test_a_real_full_disk_is_one_line_naming_the_epoch_and_the_checkpoint_to_resume_from(small_disk):
     run = small_disk / "run"  # last.pt (1.2 MB) fits once, not twice: epoch 2's save fails
-    result = subprocess.run([sys.executable, "run.py", *TINY, "data.limit=64", f"hydra.run.dir={run}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_py(["run.py", *TINY, "data.limit=64", f"hydra.run.dir={run}"])
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]
     assert f"cannot write to {run / 'checkpoints' / 'last.pt'} in epoch 2: No space left on device. " in output

@@ -14,6 +14,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from conftest import DATA_ROOT, REPO, TINY, compose_config, needs_full_data
+from forked import run_py
 from vae_lab.checkpoint import load_checkpoint
 from vae_lab.cli import CONFIG_DIR, run_task, threads_per_job
 from vae_lab.errors import ConfigError
@@ -24,6 +25,10 @@ CHECKOUT_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(RE
 
 
 def run_cli(*overrides, executable=(sys.executable, "run.py"), cwd=REPO, timeout=300):
+    """The command, its output captured; run.py by a fork of tests/forked.py's server (the same
+    script without the interpreter's start), the other entry points as processes of their own."""
+    if tuple(executable) == (sys.executable, "run.py"):
+        return run_py(["run.py", *overrides], cwd=cwd, env=CHECKOUT_ENV, timeout=timeout)
     return subprocess.run([*executable, *overrides], cwd=cwd, env=CHECKOUT_ENV, capture_output=True, text=True, timeout=timeout)
 
 

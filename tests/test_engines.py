@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from forked import ForkedRun, run_py
 
 SLURM_SCRIPT = REPO / "scripts" / "slurm-local.sh"
 # A sweep job is a whole process (a SLURM job, a Ray task): the smallest job that still evaluates.
@@ -101,11 +102,8 @@ def accounted_states(job_ids: list[str], env: dict, timeout: float = 60) -> dict
         time.sleep(1)
 
 
-def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "run.py", "-m", *JOB, *SMALL_SLURM_JOB, *overrides, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def start_sweep(sweep_dir: Path, overrides: list[str], env: dict) -> ForkedRun:
+    return ForkedRun(["run.py", "-m", *JOB, *SMALL_SLURM_JOB, *overrides, f"hydra.sweep.dir={sweep_dir}"], env=env)
 
 
 def sweep_while(sweep_dir: Path, overrides: list[str], env: dict, during, timeout: float):
@@ -185,8 +183,7 @@ def test_a_requeued_slurm_job_continues_in_its_folder_to_the_weights_of_an_unint
     assert [row["epoch"] for row in csv.DictReader((sweep_dir / "0" / "metrics.csv").open())] == [str(e) for e in range(1, 61)]
     assert "resumed from" in (sweep_dir / "0" / "run.log").read_text()
     # The same job without SLURM and without the requeue: the same final weights.
-    done = subprocess.run([sys.executable, "run.py", *JOB, *run, f"hydra.run.dir={straight}"], cwd=REPO, env=slurm_env,
-                          capture_output=True, text=True, timeout=300)
+    done = run_py(["run.py", *JOB, *run, f"hydra.run.dir={straight}"], env=slurm_env)
     assert done.returncode == 0, done.stderr[-2000:]
     expected, requeued = (load_checkpoint(folder / "checkpoints" / "last.pt") for folder in (straight, sweep_dir / "0"))
     assert all(torch.equal(tensor, requeued["model"][key]) for key, tensor in expected["model"].items())
@@ -380,11 +377,8 @@ def test_mlflow_records_each_sweep_job_as_a_run_beside_csv_and_tensorboard(tmp_p
 
     store = f"sqlite:///{tmp_path / 'tracking' / 'mlflow.db'}"
     sweep_dir = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "run.py", "-m", *JOB, "train.epochs=2", "train.plot_every=1", "train.alpha=0.1,1.0",
-         "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.tracking_uri={store}", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-    )
+    result = run_py(["run.py", "-m", *JOB, "train.epochs=2", "train.plot_every=1", "train.alpha=0.1,1.0",
+                     "logger=[csv,tensorboard,mlflow]", f"logger.mlflow.tracking_uri={store}", f"hydra.sweep.dir={sweep_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=store)
@@ -430,10 +424,10 @@ def test_torchrun_trains_one_model_in_two_processes_into_one_run_directory(tmp_p
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single, parallel = tmp_path / "single", tmp_path / "parallel"
-    for command, folder in (([sys.executable, "run.py"], single), (TORCHRUN, parallel)):
-        done = subprocess.run([*command, *DDP_RUN, f"hydra.run.dir={folder}"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    done = run_py(["run.py", *DDP_RUN, f"hydra.run.dir={single}"], env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([*TORCHRUN, *DDP_RUN, f"hydra.run.dir={parallel}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     # One run directory, one record, one metrics.csv: rank 1 wrote nothing of its own.
     assert sorted(p.name for p in parallel.iterdir()) == sorted(p.name for p in single.iterdir())
     assert len(list(tmp_path.rglob("metrics.csv"))) == 2 and not list(REPO.glob("outputs/*/*-ddp"))
@@ -444,10 +438,8 @@ def test_torchrun_trains_one_model_in_two_processes_into_one_run_directory(tmp_p
         assert float(two["test_loss"]) == pytest.approx(float(one["test_loss"]), rel=0.03)
     assert float(rows["2"][-1]["test_loss"]) < float(rows["2"][0]["test_loss"])
     # Its checkpoint is a plain one: it evaluates in one process.
-    evaluated = subprocess.run([sys.executable, "run.py", "task=evaluate", f"evaluate.checkpoint={parallel}",
-                                "evaluate.sample_metrics=false", "evaluate.iw_samples=2", "figures=false", "device=cpu",
-                                "data=mnist_5k", f"hydra.run.dir={tmp_path / 'evaluated'}"], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=300)
+    evaluated = run_py(["run.py", "task=evaluate", f"evaluate.checkpoint={parallel}", "evaluate.sample_metrics=false",
+                        "evaluate.iw_samples=2", "figures=false", "device=cpu", "data=mnist_5k", f"hydra.run.dir={tmp_path / 'evaluated'}"], env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert load_checkpoint(parallel / "checkpoints" / "last.pt")["epoch"] == 3
 
@@ -606,8 +598,7 @@ def test_an_optuna_study_in_sqlite_continues_after_the_sweep_is_killed(tmp_path)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
 
     # A new sampler seed: the same seed would propose trial 0's point again.
-    second = subprocess.run(optuna_sweep(tmp_path / "second", storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=1"),
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    second = run_py(optuna_sweep(tmp_path / "second", storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=1")[1:])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Using an existing study" in second.stderr + second.stdout
     trials = optuna.load_study(study_name="vae_lab_neg_elbo", storage=storage).trials

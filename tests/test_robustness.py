@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, compose_config, shared_run
+from forked import run_py
 from test_data import DAMAGE, write_idx_files
 from vae_lab.checkpoint import load_checkpoint, save_checkpoint
 from vae_lab.cli import run_task
@@ -208,7 +209,7 @@ CATALOGUE = [
     ("summarize: half-written last row", ["task=summarize", "summarize.sweep_dir=SWEEP_HALFROW"], 1,
      "job 1: metrics.csv line 3 is incomplete or damaged (half-written?)"),
 ]
-# Through run.py as a subprocess: what Hydra decides (composition, directories, sweeps), and a few
+# Through run.py (forked from a server that has imported the libraries, tests/forked.py): what Hydra decides (composition, directories, sweeps), and a few
 # validation cases end to end. Everything else runs in this process through run_task, as the CLI calls it.
 END_TO_END = {
     "unknown key (Hydra)", "unknown group option (Hydra)", "sweep into a used sweep directory", "run directory already used",
@@ -340,7 +341,7 @@ def run_end_to_end(overrides: list[str], run_dir: Path) -> tuple[int, str]:
         overrides = [*overrides, f"hydra.run.dir={run_dir}"]
     flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m, --config-dir=...) go before the overrides
     overrides = [o for o in overrides if not o.startswith("-")]
-    result = subprocess.run([sys.executable, "run.py", *flags, *TINY, *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_py(["run.py", *flags, *TINY, *overrides])
     return result.returncode, result.stdout + result.stderr
 
 
@@ -570,7 +571,7 @@ def test_a_second_process_is_refused_naming_the_first_and_a_killed_holder_frees_
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = subprocess.run([sys.executable, "run.py", *TINY, f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        second = run_py(["run.py", *TINY, f"hydra.run.dir={run_dir}"])
         assert second.returncode == 2, second.stderr[-2000:]
         output = second.stdout + second.stderr
         assert f"hydra.run.dir={run_dir} is in use by another vae_lab process (pid {holder.pid})" in output
@@ -579,8 +580,7 @@ def test_a_second_process_is_refused_naming_the_first_and_a_killed_holder_frees_
         holder.kill()  # SIGKILL: no clean-up runs, the lock file stays behind
         holder.wait()
     assert (run_dir / LOCK_FILE).is_file()
-    third = subprocess.run([sys.executable, "run.py", *TINY, "train.epochs=1", "data.limit=32", f"hydra.run.dir={run_dir}"],
-                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    third = run_py(["run.py", *TINY, "train.epochs=1", "data.limit=32", f"hydra.run.dir={run_dir}"])
     assert third.returncode == 0, third.stderr[-2000:]
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
 
@@ -590,11 +590,9 @@ def test_a_second_process_is_refused_naming_the_first_and_a_killed_holder_frees_
 def test_a_refused_command_does_not_block_its_corrected_retry(tmp_path, record):
     run_dir = tmp_path / "run"
     where = [f"hydra.run.dir={run_dir}", f"hydra.output_subdir={record}"]
-    refused = subprocess.run([sys.executable, "run.py", *TINY, "train.batch_size=0", *where],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    refused = run_py(["run.py", *TINY, "train.batch_size=0", *where])
     assert refused.returncode == 2 and (run_dir / record / "overrides.yaml").is_file()
-    retried = subprocess.run([sys.executable, "run.py", *TINY, "train.epochs=1", "data.limit=32", *where],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    retried = run_py(["run.py", *TINY, "train.epochs=1", "data.limit=32", *where])
     assert retried.returncode == 0, retried.stderr[-2000:]
     assert "train.batch_size=0" not in (run_dir / record / "overrides.yaml").read_text()  # the record is the retry's
     assert (run_dir / "metrics.csv").is_file()

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO, assert_png, read_csv
+from forked import run_py
 from vae_lab.cli import _missing_plugin, run_task
 
 # Smaller than TINY: a sweep job is a whole process; evaluation stays on so the summary has results.
@@ -19,10 +20,7 @@ JOB = [
 
 
 def sweep(sweep_dir, *overrides, timeout=600):
-    return subprocess.run(
-        [sys.executable, "run.py", "-m", *JOB, *overrides, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_py(["run.py", "-m", *JOB, *overrides, f"hydra.sweep.dir={sweep_dir}"], timeout=timeout)
 
 
 def read_summary(sweep_dir):
