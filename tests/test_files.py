@@ -46,7 +46,7 @@ def test_write_atomic_leaves_the_old_file_whole_when_the_writer_fails(tmp_path):
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupt_during_a_write_waits_until_the_file_is_whole(tmp_path, number):
-    """Raised inside torch.save's writer, an interrupt becomes torch's "unexpected pos" error (a false full disk)."""
+    """Raised inside a write, an interrupt would leave no file where SLURM's requeue or a Ctrl-C expects the checkpoint."""
     import torch
 
     state = {"weights": torch.arange(100_000, dtype=torch.float32)}

@@ -23,7 +23,7 @@ anything is built from it.
 """
 from __future__ import annotations
 
-import errno
+import io
 import logging
 import os
 import pickle
@@ -78,36 +78,20 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Write `state` to `path` atomically (vae_lab.files.write_atomic): complete old file or
     complete new file, never half, never through a link planted at `path`.
 
-    A failed write (a full disk, a folder that became unwritable) raises OSError naming
-    `path`, whichever layer noticed it, so callers handle one exception type.
+    torch.save writes into memory and the bytes then go to the file, so a failed write (a full
+    disk, a folder that became unwritable) is the OSError naming `path` that write_atomic raises,
+    never torch's zip writer's RuntimeError ("unexpected pos"), which says nothing of the cause.
     """
     content = {"format": FORMAT, **state}
     if "model" in state:
         content[DIGEST_KEY] = tensors_digest(state["model"])
-    try:
-        write_atomic(path, lambda file: torch.save(content, file))
-    except RuntimeError as error:
-        failed_write = _failed_write(error, path)
-        if failed_write is None:
-            raise
-        raise failed_write from error
 
+    def write(file) -> None:
+        serialized = io.BytesIO()
+        torch.save(content, serialized)
+        file.write(serialized.getbuffer())
 
-def _failed_write(error: RuntimeError, path: Path) -> OSError | None:
-    """The OSError behind torch's zip writer failing, or None if `error` is something else.
-
-    The writer reports a short write (ENOSPC on a full disk) as
-    RuntimeError("[enforce fail at inline_container.cc:...] . unexpected pos N vs M");
-    the OSError that Python's file raised, when there was one, is in its context.
-    """
-    cause = error.__cause__ or error.__context__
-    while cause is not None:
-        if isinstance(cause, OSError):
-            return OSError(cause.errno, cause.strerror or str(cause), str(path))
-        cause = cause.__cause__ or cause.__context__
-    if "inline_container" in str(error) or "PytorchStreamWriter" in str(error):
-        return OSError(errno.EIO, f"the file could not be written in full, is the disk full? (torch: {first_line(error)})", str(path))
-    return None
+    write_atomic(path, write)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -4,9 +4,8 @@
 link or not, is never opened), writes, flushes and fsyncs it under an flock, and renames
 it over the target. A rename replaces a symbolic link planted at the target's name
 itself, never the file it points to. Ctrl-C and SIGTERM wait until the write is done: raised
-inside a write, the interrupt would leave no file, and inside torch.save's writer it turns into
-torch's "unexpected pos" error, which reads as a full disk. `open_append` is for the one file that grows
-(metrics.csv): opened without following a link.
+inside a write, the interrupt would leave no file (a requeued job's checkpoint lost). `open_append`
+is for the one file that grows (metrics.csv): opened without following a link.
 """
 from __future__ import annotations
 
