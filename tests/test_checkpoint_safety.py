@@ -473,15 +473,15 @@ import sys, time
 from pathlib import Path
 import torch
 import vae_lab.checkpoint as checkpoint
-import vae_lab.files
 
-def stuck(obj, file, *args, **kwargs):  # half the file written, then the process is killed
+def half_then_stuck(file):  # half the file written, then the process is killed
     file.write(b"PK\\x03\\x04 half a checkpoint")
     file.flush()
     print("writing", flush=True)
     time.sleep(600)
 
-checkpoint.torch.save = stuck
+real_write = checkpoint.write_atomic
+checkpoint.write_atomic = lambda path, content: real_write(path, half_then_stuck)  # the real temporary file, lock and all
 checkpoint.save_checkpoint({"epoch": 2, "model": {"w": torch.zeros(3)}}, Path(sys.argv[1]))
 """
 

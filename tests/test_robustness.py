@@ -209,8 +209,9 @@ CATALOGUE = [
     ("summarize: half-written last row", ["task=summarize", "summarize.sweep_dir=SWEEP_HALFROW"], 1,
      "job 1: metrics.csv line 3 is incomplete or damaged (half-written?)"),
 ]
-# Through run.py (forked from a server that has imported the libraries, tests/forked.py): what Hydra decides (composition, directories, sweeps), and a few
-# validation cases end to end. Everything else runs in this process through run_task, as the CLI calls it.
+# Through run.py (forked from a server that has imported the libraries, tests/forked.py): what Hydra
+# decides (composition, directories, sweeps), and a few validation cases end to end. Everything else
+# runs in this process through run_task, as the CLI calls it.
 END_TO_END = {
     "unknown key (Hydra)", "unknown group option (Hydra)", "sweep into a used sweep directory", "run directory already used",
     "evaluate into a used run directory", "run directory under a file", "used run directory named with an interpolation",
