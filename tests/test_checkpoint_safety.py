@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import logging
 import os
 import random
@@ -384,6 +385,13 @@ MALFORMED = [
      "empty(): argument 'size' failed to unpack the object at pos 1 with error \"Overflow when unpacking long long. Fix model:"),
     ("missing value in the saved config", _config(lambda c: c["model"].update(hidden_dim="???")),
      "its config holds a missing value ('???') at config.model.hidden_dim"),
+    # what torch.load(weights_only=True) reads but a config never holds; nesting is refused before it is walked
+    ("config nested 40 deep", _config(lambda c: c["model"].update(extra=functools.reduce(lambda v, _: {"a": v}, range(40), 1))),
+     "its config holds nesting deeper than 16 levels at config.model.extra" + ".a" * 15 + ";"),
+    ("a config key that is not a string", _config(lambda c: c["model"].update({3: 1})),
+     "its config holds a key 3 that is not a string at config.model;"),
+    ("a tensor in the config", _config(lambda c: c["model"].update(latent_dim=torch.tensor(2))),
+     "its config holds a Tensor at config.model.latent_dim;"),
 ]
 
 

@@ -24,6 +24,7 @@ anything is built from it.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import pickle
@@ -379,7 +380,7 @@ MAX_CONFIG_DEPTH = 16  # vae_lab's own configs are 3 deep
 
 
 def _refuse_non_data(node, path, where: str) -> None:
-    problem = _non_data(node, where, depth=0)
+    problem = _non_data(node, where)
     if problem:
         raise CheckpointError(
             f"refused {path}: its config holds {problem}; a checkpoint's config is plain data, "
@@ -387,31 +388,22 @@ def _refuse_non_data(node, path, where: str) -> None:
         )
 
 
-def _non_data(node, where: str, depth: int) -> str | None:
-    """What in `node` is not plain data (and where), or None."""
-    if depth > MAX_CONFIG_DEPTH:
-        return f"nesting deeper than {MAX_CONFIG_DEPTH} levels at {where}"
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if not isinstance(key, str):
-                return f"a key {key!r} that is not a string at {where}"
-            if "${" in key:
-                return f"an interpolation or resolver in the key {key!r} at {where}"
-            problem = _non_data(value, f"{where}.{key}", depth + 1)
-            if problem:
-                return problem
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            problem = _non_data(value, f"{where}[{index}]", depth + 1)
-            if problem:
-                return problem
-    elif isinstance(node, str):
-        if "${" in node:
-            return f"an interpolation or resolver ({node!r}) at {where}"
-        if node == "???":
-            return f"a missing value ('???') at {where}"
-    elif node is not None and not isinstance(node, (bool, int, float)):
-        return f"a {type(node).__name__} at {where}"
+def _non_data(node, where: str) -> str | None:
+    """What in `node` is not plain data (and where), or None; walked by config_entries, which
+    descends no deeper than the first entry past MAX_CONFIG_DEPTH."""
+    for keys, inner, value in itertools.chain([((), where, node)], config_entries(node, where=where)):
+        if len(keys) > MAX_CONFIG_DEPTH:
+            return f"nesting deeper than {MAX_CONFIG_DEPTH} levels at {inner}"
+        if isinstance(value, dict):
+            for key in value:
+                if not isinstance(key, str):
+                    return f"a key {key!r} that is not a string at {inner}"
+                if "${" in key:
+                    return f"an interpolation or resolver in the key {key!r} at {inner}"
+        elif isinstance(value, str) and ("${" in value or value == "???"):
+            return f"{'a missing value' if value == '???' else 'an interpolation or resolver'} ({value!r}) at {inner}"
+        elif not isinstance(value, (list, str, bool, int, float, type(None))):
+            return f"a {type(value).__name__} at {inner}"
     return None
 
 
@@ -422,7 +414,7 @@ def plain_config(cfg: DictConfig) -> dict:
     resolved (an escaped "\\${...}") would make the checkpoint one that loading refuses.
     """
     config = OmegaConf.to_container(cfg, resolve=True)
-    problem = _non_data(config, "config", depth=0)
+    problem = _non_data(config, "config")
     if problem:
         raise ConfigError(f"the config holds {problem}, which a checkpoint cannot store: use a plain value there")
     try:  # what loading will refuse (an instantiate keyword where vae_lab never writes one), refused before training
