@@ -234,7 +234,7 @@ def test_a_resumed_runs_record_says_what_ran_not_what_was_typed(tmp_path):
     result = run_cli(*TINY, "train.epochs=2", "data.limit=32", "model.latent_dim=4",
                      f"train.resume={first / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={resumed}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "model come from the checkpoint" in result.stdout + result.stderr  # said, and then recorded as run
+    assert "settings of model come from the checkpoint" in result.stdout + result.stderr  # said, and then recorded as run
     record = OmegaConf.load(resumed / ".hydra" / "config.yaml")
     assert record.model.latent_dim == 16 == load_checkpoint(resumed / "checkpoints" / "last.pt")["config"]["model"]["latent_dim"]
 

@@ -54,7 +54,9 @@ CATALOGUE = [
     ("embedding umap", ["task=evaluate", "evaluate.checkpoint=RUN", "evaluate.embedding=umap"], 2,
      "evaluate.embedding='umap' is not allowed: use one of pca, tsne"),
     ("iw_samples 0", ["task=evaluate", "evaluate.checkpoint=RUN", "evaluate.iw_samples=0"], 2,
-     "evaluate.iw_samples=0 is not allowed: use a whole number >= 1"),
+     "evaluate.iw_samples=0 is not allowed: use a whole number from 1 to 100,000"),
+    ("iw_samples 10**8", ["task=evaluate", "evaluate.checkpoint=RUN", "evaluate.iw_samples=100000000"], 2,
+     "evaluate.iw_samples=100000000 is not allowed: use a whole number from 1 to 100,000"),  # else days of evaluation
     ("data.limit 0", ["data.limit=0"], 2, "data.limit=0 is not allowed: use a whole number >= 1"),
     ("data root is a file", ["data=mnist", "data.root=TEXT"], 2, "data.root=TEXT is a file: point it at the folder that holds MNIST/raw"),
     ("unknown binarize", ["data.binarize=yes"], 2, "data.binarize='yes' is not allowed: use one of none, static, dynamic"),

@@ -155,7 +155,8 @@ class EvaluateSettings:
     batch_size: Count
     n_components: int
     embedding: str
-    iw_samples: Count
+    # The published bounds use 1,000 to 5,000 samples; 10**8 would run for days on one test image.
+    iw_samples: Annotated[int, Range(1, 100_000, "the published bounds use 1,000 to 5,000")]
     reconstruction_rows: FigureCount
     images_per_row: FigureCount
     generation_samples: FigureCount

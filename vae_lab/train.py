@@ -370,7 +370,7 @@ def _config_for_resume(cfg: DictConfig, resumed: dict, path, strict: bool = Fals
             f"its own settings (leave {ignored[0]} out), or into a new folder with train.resume={path}."
         )
     if ignored:
-        log.warning("train.resume: %s come from the checkpoint; the values given now are ignored", ", ".join(ignored))
+        log.warning("train.resume: the settings of %s come from the checkpoint; the values given now are ignored", ", ".join(ignored))
     with open_dict(cfg):
         data = data_config_here(resumed, saved, cfg.data)
         for key in EXPERIMENT_KEYS:
