@@ -203,6 +203,7 @@ def test_an_image_folder_converts_channels_resizes_and_keeps_train_and_test_fold
     ("mixed sizes", "different sizes .*set data.image_size=N"),
     ("images beside class folders", "holds images .* beside class folders"),
     ("one image", "holds one image"),
+    ("floating-point pixels", "cannot use .*float.png: it holds floating-point pixels, .*data=arrays"),
 ])
 def test_a_bad_image_folder_is_one_line_naming_what_to_do(tmp_path, case, message):
     folder = tmp_path / "images"
@@ -222,8 +223,25 @@ def test_a_bad_image_folder_is_one_line_naming_what_to_do(tmp_path, case, messag
         Image.fromarray(pixels).save(folder / "cats" / "cat.png")
     if case == "one image":
         Image.fromarray(pixels).save(folder / "only.png")
+    if case == "floating-point pixels":  # Pillow opens by content: a TIFF of floats named .png
+        Image.fromarray(pixels).save(folder / "good.png")
+        Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(folder / "float.png", format="TIFF")
     with pytest.raises(VaeLabError, match=message):
         load_image_folder(folder)
+
+
+def test_16bit_images_are_scaled_to_8_bits_never_clipped_and_the_run_says_so(tmp_path, caplog):
+    """Pillow's own conversion of a 16-bit PNG clips at 255: most of a 16-bit scan would read as white."""
+    levels = [0, 257 * 60, 257 * 200, 65535]
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((4, 4), level, np.uint16)).save(tmp_path / f"{i}.png")
+    with caplog.at_level(logging.WARNING, logger="vae_lab.data.folder"):
+        grey = load_image_folder(tmp_path, test_fraction=0.25)
+    found = sorted(torch.cat([grey.train_images, grey.test_images]).flatten().unique().tolist())
+    assert grey.image_shape == (1, 4, 4) and found == [0, 60, 200, 255]
+    assert "4 of the 4 images" in caplog.text and "16-bit" in caplog.text
+    colour = load_image_folder(tmp_path, test_fraction=0.25, channels=3)
+    assert colour.image_shape == (3, 4, 4) and sorted(torch.cat([colour.train_images, colour.test_images]).unique().tolist()) == found
 
 
 def test_shapes_are_seeded_coloured_and_keep_their_factors():

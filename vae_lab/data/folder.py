@@ -27,7 +27,9 @@ from vae_lab.data import (
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-CACHE_VERSION = 2  # 2: the cache carries the digest of its tensors
+CACHE_VERSION = 3  # 2: the cache carries the digest of its tensors; 3: 16-bit images scaled, no longer clipped
+# Pillow's modes of one-channel images deeper than 8 bits: 16-bit PNGs ("I" in older Pillow releases).
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 # What a cache file must hold (vae_lab.data.read_tensor_cache); it also holds the class names.
 CACHE_TENSORS = {"train_images": (torch.uint8, (None, None, None, None)), "train_labels": (torch.int64, (None,)),
                  "test_images": (torch.uint8, (None, None, None, None)), "test_labels": (torch.int64, (None,))}
@@ -122,9 +124,18 @@ def _decode(folder: Path, splits: dict, image_size, channels, test_fraction: flo
                        for name, files in classes.items() for path in files] for split, classes in splits.items()}
     # First the headers (mode and size, no pixels decoded), then each image decoded into its place:
     # memory holds the result, never every decoded picture at its own size.
-    headers = [_open(path, decode=False) for items in decoded.values() for path, _ in items]
+    paths = [path for items in decoded.values() for path, _ in items]
+    headers = [_open(path, decode=False) for path in paths]
+    floats = next((path for path, (mode, _) in zip(paths, headers) if mode == "F"), None)
+    if floats is not None:  # no scale to read them on: their values are whatever the program that wrote them chose
+        raise DataCorruptError(f"cannot use {floats}: it holds floating-point pixels, which have no 8-bit scale. "
+                               "Save the images as 8- or 16-bit PNGs, or as floats in [0, 1] in an .npz (data=arrays)")
+    deep = sum(mode in SIXTEEN_BIT for mode, _ in headers)
+    if deep:
+        log.warning("%d of the %d images in %s have 16-bit pixels: they are reduced to 8 bits (value / 257), "
+                    "as every image here is stored", deep, len(headers), folder)
     if channels is None:
-        channels = 3 if any(mode not in ("1", "L", "LA", "I", "I;16", "F") for mode, _ in headers) else 1
+        channels = 3 if any(mode not in ("1", "L", "LA", *SIXTEEN_BIT) for mode, _ in headers) else 1
     sizes = {size for _, size in headers}
     if image_size is None and len(sizes) > 1:
         (w1, h1), (w2, h2) = sorted(sizes)[:2]
@@ -161,12 +172,25 @@ def _open(path: Path, decode: bool = True):
             if not decode:
                 return picture.mode, picture.size
             picture.load()
-            return picture.copy()
+            return _eight_bit(picture.copy(), path)
     except Image.DecompressionBombError as error:  # a small file that would decode to gigapixels
         raise DataCorruptError(f"cannot use {path}: {str(error).splitlines()[0]} Remove it, or shrink it.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise DataCorruptError(f"cannot use {path}: it is not a readable image ({str(error).splitlines()[0] if str(error) else type(error).__name__}). "
                                "Remove or replace it.") from None
+
+
+def _eight_bit(picture, path: Path):
+    """A 16-bit picture scaled to 8 bits (Pillow's own conversion clips at 255, which turns most of such an image white)."""
+    if picture.mode not in SIXTEEN_BIT:
+        return picture
+    from PIL import Image
+
+    values = np.asarray(picture).astype(np.int64)
+    if values.min() < 0 or values.max() > 65535:
+        raise DataCorruptError(f"cannot use {path}: its pixels run from {values.min()} to {values.max()}, outside 16 bits. "
+                               "Save it as an 8- or 16-bit PNG")
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
 
 
 def _pixels(picture, channels: int, image_size: int | None) -> np.ndarray:
