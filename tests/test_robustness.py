@@ -177,6 +177,8 @@ CATALOGUE = [
     ("amp not a boolean", ["train.amp=3"], 2, "train.amp=3 is not allowed: use true or false"),
     ("absurd latent size", ["model.latent_dim=1000000000"], 2,
      "model (vae_lab.model.ConvVAE) with these settings has 194,000,093,377 parameters, which need about 2,891 GiB to train"),
+    ("images too large for a model sized from them", ["data=shapes", "data.image_size=100000"], 2,
+     "Use smaller model.* sizes or smaller images: the model sizes itself from them (3 x 100000 x 100000)"),
     ("absurd hidden size", ["model=mlp_vae", "model.hidden_dim=100000000"], 2,
      "model (vae_lab.model.MLPVAE) with these settings has 163,000,000,824 parameters"),
     ("a likelihood whose decoder outputs exhaust memory", ["loss.reconstruction={_target_:vae_lab.likelihoods.DiscretizedLogistic,components:100000}"], 2,

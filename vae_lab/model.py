@@ -219,7 +219,7 @@ def _conv_sizes(size: int) -> tuple[int, int, int, int]:
     second = (first + 2 - 4) // 2 + 1
     third = (second - 5) // 2 + 1
     if third < 1:
-        raise ValueError(f"ConvVAE needs images of at least 20 x 20 pixels, got an axis of {size}")
+        raise ValueError(f"ConvVAE needs images of at least 20 x 20 pixels, got an axis of {size} (model=mlp_vae takes any size)")
     return size, first, second, third
 
 

@@ -40,6 +40,8 @@ from vae_lab.options import (
 NOT_DRY_BUILT = ("data",)
 # Training keeps weights, gradients and two Adam moments: about four float32 copies of the parameters.
 TRAINING_BYTES_PER_PARAMETER = 16
+# Images past this many values (a 3 x 256 x 256 photo) are named when a model sized from them is too large.
+LARGE_IMAGE_PIXELS = 3 * 256 * 256
 
 
 def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
@@ -365,7 +367,7 @@ def dry_build(cfg: DictConfig, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> No
             def build_model():
                 return build_vae(cfg.model, cfg.prior, cfg.loss, image_shape, cfg.get("posterior"))
 
-            outputs = _refuse_absurd_size(cfg, build_model, torch)
+            outputs = _refuse_absurd_size(cfg, build_model, torch, image_shape)
             _refuse_absurd_step(cfg, image_shape, torch, outputs)
             model, objective = attempt(cfg, "model", build_model)
             attempt(cfg, "model", lambda: _probe(model, objective, torch, image_shape))
@@ -411,7 +413,7 @@ def attempt(cfg: DictConfig, group: str, action: Callable):
                           f"{text}. Fix {group}: {settings}") from None
 
 
-def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> int:
+def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch, image_shape=IMAGE_SHAPE) -> int:
     """Count the model's parameters on the meta device (nothing allocated) against the machine's memory.
     Returns the decoder's outputs per pixel and channel (the likelihood's), for the step's size."""
     try:
@@ -437,7 +439,9 @@ def _refuse_absurd_size(cfg: DictConfig, build_model: Callable, torch) -> int:
             f"{needed / 2**30:,.0f} GiB to train{objective_part}; "
             f"this machine has {available / 2**30:,.0f} GiB of {where}. "
             f"Use smaller model.*{''.join(f', {group}.*' for group in parts)} sizes"
-            + (f" or a smaller loss.reconstruction (its {outputs:,} outputs per pixel size the decoder's last layer)." if outputs > 1 else ".")
+            + (f" or a smaller loss.reconstruction (its {outputs:,} outputs per pixel size the decoder's last layer)" if outputs > 1 else "")
+            + (f" or smaller images: the model sizes itself from them ({' x '.join(map(str, image_shape))})."
+               if math.prod(image_shape) > LARGE_IMAGE_PIXELS else ".")
         )
     return outputs
 
