@@ -438,6 +438,19 @@ def test_the_digest_is_written_at_save_and_a_file_without_one_still_loads(state,
     assert checkpoint.saved_config(loaded, older).model.latent_dim == state["config"]["model"]["latent_dim"]
 
 
+def test_a_checkpoint_with_a_setting_this_vae_lab_no_longer_reads_still_evaluates(state, tmp_path):
+    """The command line refuses a key no one reads (a typo); a checkpoint's saved config may hold one
+    that an older vae_lab wrote, and still evaluates."""
+    older = copy.deepcopy(state)
+    older["config"]["train"]["retired_setting"] = 3
+    older["config"]["retired_top_level"] = "x"
+    crafted = craft(older, tmp_path / "older.pt")
+    outcome = run_task(compose_config(*SMALL, "task=evaluate", f"evaluate.checkpoint={crafted}", "evaluate.iw_samples=2"), tmp_path / "eval")
+    assert outcome.headline["test -ELBO"].endswith("nats")
+    with pytest.raises(ConfigError, match=r"train.retired_setting is not a setting vae_lab reads"):
+        run_task(compose_config(*SMALL, "+train.retired_setting=3"), tmp_path / "typo")
+
+
 def test_the_digest_covers_names_dtypes_and_shapes_not_only_bytes():
     weights = {"a": torch.arange(4, dtype=torch.float32)}
     assert tensors_digest(weights) != tensors_digest({"b": weights["a"]})

@@ -149,6 +149,12 @@ CATALOGUE = [
     ("T_max 0", ["scheduler=cosine", "scheduler.T_max=0"], 2,
      "scheduler (torch.optim.lr_scheduler.CosineAnnealingLR) refuses these settings: integer modulo by zero. Fix scheduler: T_max=0"),
     ("base_channels 0", ["model.base_channels=0"], 2, "model.base_channels=0 is not allowed: use a whole number >= 1"),
+    # Hydra's own hint for a key it does not know is to add it with +; the key would then be read by no one.
+    ("a misspelt training setting added with +", ["+train.epoch=5"], 2,
+     "train.epoch is not a setting vae_lab reads, so it would be ignored (did you mean train.epochs?)"),
+    ("a misspelt evaluation setting added with +", ["+evaluate.iw_sample=5"], 2, "evaluate.iw_sample is not a setting vae_lab reads"),
+    ("a misspelt top-level setting added with +", ["+seeed=3"], 2, "seeed is not a setting vae_lab reads, so it would be ignored (did you mean seed?)"),
+    ("a misspelt task node added with +", ["+trian.epochs=3"], 2, "trian is not a setting vae_lab reads, so it would be ignored (did you mean train?)"),
     ("unknown argument of a model", ["+model.depth=3"], 2,
      "model: vae_lab.model.ConvVAE does not accept these settings (got an unexpected keyword argument 'depth')"),
     ("a new group's bad argument", ["trusted_modules=[torch.nn]", "+sampler._target_=torch.nn.Linear", "+sampler.in_features=4", "+sampler.out_features=-2"], 2,

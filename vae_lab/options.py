@@ -185,6 +185,8 @@ class RunSettings:
     figures: bool
     resume: bool
     resume_failed: bool
+    threads: int | str | None  # auto, null or a count: checked against the machine's cores in validate
+    trusted_modules: list
 
 
 SETTINGS = {"train": TrainSettings, "evaluate": EvaluateSettings, "summarize": SummarizeSettings}

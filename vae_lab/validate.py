@@ -16,6 +16,7 @@ Groups added later (priors, objectives, models) are covered by 2 and 3 without n
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import inspect
 import math
@@ -94,7 +95,7 @@ def validate(cfg: DictConfig, trusted_modules=None, image_shape=None) -> None:
         holds = "MNIST/raw and FashionMNIST/raw" if OmegaConf.select(cfg, "data._target_") == "vae_lab.data.load_dataset" else "its files"
         raise ConfigError(f"data.root={root} is a file: point it at the folder that holds {holds}")
     _device(cfg.device)
-    _check_types(cfg)
+    _check_types(cfg, strict=command_line)
     if cfg.task == "train":
         _compile_backend(OmegaConf.select(cfg, "train.compile"))
         image_shape = image_shape or declared_image_shape(cfg)
@@ -213,24 +214,35 @@ def _one_of(cfg: DictConfig, key: str, allowed: tuple) -> None:
 # --- 2. every node against its signature --------------------------------------------------------
 
 
-def _check_types(cfg: DictConfig) -> None:
-    """Bind each node's keys to the signature that will receive them, and check each value's type."""
-    _bind_plain(cfg, "", RunSettings)
+def _check_types(cfg: DictConfig, strict: bool = True) -> None:
+    """Bind each node's keys to the signature that will receive them, and check each value's type.
+
+    `strict` (the command line's config) also refuses keys no one reads: `+train.epoch=5`, the
+    spelling Hydra's own hint suggests for a key it does not know, would otherwise be ignored. A
+    checkpoint's saved config is not strict: it may hold settings of an older vae_lab."""
+    groups = {key for key in cfg if isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key]}  # a user's own group too
+    _bind_plain(cfg, "", RunSettings, {*GROUP_BASES, *SETTINGS, *groups} if strict else None)
     for name, schema in SETTINGS.items():
         if isinstance(cfg.get(name), DictConfig):
-            _bind_plain(cfg[name], f"{name}.", schema)
-    for key in cfg:
-        node = cfg[key]
-        if isinstance(node, DictConfig) and "_target_" in node:
-            _bind_target(node, f"{key}")
+            _bind_plain(cfg[name], f"{name}.", schema, () if strict else None)
+    for key in groups:
+        _bind_target(cfg[key], f"{key}")
 
 
-def _bind_plain(node: DictConfig, prefix: str, schema: type) -> None:
-    """The keys of a plain node that `schema` declares must have the declared types."""
+def _bind_plain(node: DictConfig, prefix: str, schema: type, also=None) -> None:
+    """The keys of a plain node that `schema` declares must have the declared types; with `also` (the
+    other keys the node may hold), a key neither declares is refused, naming the nearest one that is."""
     hints = typing.get_type_hints(schema, include_extras=True)
     for field in dataclasses.fields(schema):
         if field.name in node:
             _check_value(f"{prefix}{field.name}", OmegaConf.select(node, field.name), hints[field.name])
+    known = [*hints, *(also or ())]
+    unknown = next((str(key) for key in node if also is not None and key not in known), None)
+    if unknown is not None:
+        near = difflib.get_close_matches(unknown, known, n=1)
+        raise ConfigError(f"{prefix}{unknown} is not a setting vae_lab reads, so it would be ignored"
+                          + (f" (did you mean {prefix}{near[0]}?)" if near else "")
+                          + f". Leave it out; python run.py --cfg job prints every setting{' of ' + prefix.rstrip('.') if prefix else ''}.")
 
 
 def _bind_target(node: DictConfig, where: str) -> None:
