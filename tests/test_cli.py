@@ -248,3 +248,30 @@ def test_printing_into_a_closed_pipe_ends_quietly(flag):
                             stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(writer)
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr[-2000:]
+
+
+def test_hydra_flags_after_overrides_are_moved_before_them_with_their_values():
+    from vae_lab.cli import flags_first
+
+    assert flags_first(["hydra.run.dir=x", "--config-dir", "d", "model=tiny"]) == ["--config-dir", "d", "hydra.run.dir=x", "model=tiny"]
+    assert flags_first(["a=1", "-m", "b=1,2", "--cfg", "job", "-p", "train"]) == ["-m", "--cfg", "job", "-p", "train", "a=1", "b=1,2"]
+    # --info takes a value only when the next word is one of its choices; --flag=value is one word
+    assert flags_first(["a=1", "--info", "c=2"]) == ["--info", "a=1", "c=2"]
+    assert flags_first(["a=1", "--info", "plugins", "--config-dir=d"]) == ["--info", "plugins", "--config-dir=d", "a=1"]
+
+
+def test_a_users_module_is_found_in_the_folder_the_command_runs_from_whatever_starts_it(tmp_path):
+    """`vae-lab` and `python path/to/run.py` start sys.path elsewhere; README: run from the folder that holds my_lab."""
+    (tmp_path / "my_lab").mkdir()
+    (tmp_path / "my_lab" / "__init__.py").write_text("")
+    (tmp_path / "my_lab" / "models.py").write_text(
+        "from vae_lab.model import VAE\n\nclass Refusing(VAE):\n"
+        "    def __init__(self, latent_dim=2, image_shape=None, prior=None, likelihood=None):\n"
+        "        raise ValueError('my_lab was imported and says no')\n")
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    (tmp_path / "conf" / "model" / "mine.yaml").write_text("_target_: my_lab.models.Refusing\nlatent_dim: 2\n")
+    # the flags after an override, as a user may type them
+    result = run_py([str(REPO / "run.py"), "data=mnist_5k", "--config-dir", "conf", "model=mine", "trusted_modules=[my_lab]",
+                     f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "my_lab was imported and says no" in result.stdout + result.stderr

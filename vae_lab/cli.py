@@ -406,6 +406,11 @@ def main() -> None:
 
     Run and sweep directories are checked by vae_lab.rundir's callback, on the directory Hydra resolves.
     """
+    sys.argv[1:] = flags_first(sys.argv[1:])
+    # The modules a user lists in trusted_modules are found in the folder the command runs from, as README says, also
+    # under `vae-lab` and `python path/to/run.py`, whose sys.path starts elsewhere; appended, so it shadows nothing installed.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     message = _missing_config_dir() or _missing_plugin(sys.argv[1:]) or _optuna_storage_problem(sys.argv[1:])
     if message:
         print(message, file=sys.stderr)
@@ -428,6 +433,26 @@ def main() -> None:
                 _stop_sweep(sweep_dir, number)
             print(f"interrupted by {signal.Signals(number).name}; nothing was written over.", file=sys.stderr)
             sys.exit(128 + number)
+
+
+def flags_first(arguments: list[str]) -> list[str]:
+    """Hydra's flags (with their values) moved before the overrides, order kept within each: its parser
+    reads no flag after an override (`run.py x=1 --config-dir d y=2` is "unrecognized arguments")."""
+    from hydra._internal.utils import get_args_parser
+
+    actions = {option: action for action in get_args_parser()._actions for option in action.option_strings}
+    flags, overrides, rest = [], [], list(arguments)
+    while rest:
+        argument = rest.pop(0)
+        action = actions.get(argument.split("=", 1)[0]) if argument.startswith("-") else None
+        if action is None:
+            overrides.append(argument)
+            continue
+        flags.append(argument)
+        takes_value = "=" not in argument and action.nargs != 0
+        if takes_value and rest and (action.nargs is None or rest[0] in (action.choices or ())):  # nargs "?": a choice only
+            flags.append(rest.pop(0))
+    return [*flags, *overrides]
 
 
 _TASK_STARTED: list[bool] = []
