@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import compose_config
+from conftest import REPO, compose_config
 from vae_lab.checkpoint import load_checkpoint, save_checkpoint
 from vae_lab.cli import run_task
 from vae_lab.errors import CheckpointError, ConfigError
@@ -285,3 +285,25 @@ def test_an_old_checkpoint_without_a_prior_or_posterior_still_evaluates_and_resu
     run_task(compose_config("task=evaluate", f"evaluate.checkpoint={old}"), tmp_path / "eval")
     run_task(compose_config("data.limit=32", "train.epochs=2", f"train.resume={old}"), tmp_path / "resumed")
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_the_readmes_own_model_trains_with_every_likelihood_and_one_that_ignores_it_is_one_line(tmp_path, monkeypatch):
+    """The README's TinyVAE, as printed there, sizes its decoder from the likelihood; a decoder that does not
+    is refused by the dry build, naming the shape the likelihood needs."""
+    readme = (REPO / "README.md").read_text()
+    source = re.search(r"```python\n(# my_lab/models.py\n.*?)```", readme, re.S).group(1)
+    (tmp_path / "my_lab").mkdir()
+    (tmp_path / "my_lab" / "__init__.py").write_text("")
+    (tmp_path / "my_lab" / "models.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_lab", raising=False)
+    monkeypatch.delitem(sys.modules, "my_lab.models", raising=False)
+    mine = ["model._target_=my_lab.models.TinyVAE", "~model.hidden_dim", "~model.base_channels", "+model.width=32",
+            "trusted_modules=[my_lab]", "data.limit=64", "train.epochs=1"]
+    for likelihood in ("bce", "gaussian_per_pixel"):
+        run_task(compose_config(*mine, f"loss.reconstruction={likelihood}"), tmp_path / likelihood)
+        assert (tmp_path / likelihood / "checkpoints" / "last.pt").is_file()
+    (tmp_path / "my_lab" / "models.py").write_text(source.replace("pixels * outputs", "pixels").replace("image_shape[0] * outputs", "image_shape[0]"))
+    monkeypatch.delitem(sys.modules, "my_lab.models")
+    with pytest.raises(ConfigError, match=r"TinyVAE.decode returns \[2, 1, 28, 28\] .*PixelGaussian needs \[2, 2, 28, 28\]"):
+        validate(compose_config(*mine, "loss.reconstruction=gaussian_per_pixel"))

@@ -499,6 +499,14 @@ def _probe(model, objective, torch, image_shape) -> None:
     """Two images through the objective (encoder, prior, decoder, likelihood) on the CPU."""
     model.eval()  # as evaluation runs it: nothing here is a training step
     with torch.no_grad():
+        output = model.decode(model.sample_prior(2))
+        likelihood = model.likelihood
+        expected = (2, image_shape[0] * likelihood.outputs_per_channel, *image_shape[1:])
+        if tuple(output.shape) != expected:  # a model of one's own that does not size its last layer from the likelihood
+            raise ValueError(
+                f"{type(model).__name__}.decode returns {list(output.shape)} for 2 latents, and {type(likelihood).__name__} "
+                f"needs {list(expected)} ({likelihood.outputs_per_channel} output(s) per pixel and channel): size the decoder's "
+                "last layer as image channels x self.likelihood.outputs_per_channel")
         objective(model, torch.rand(2, *image_shape))
 
 
