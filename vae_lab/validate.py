@@ -220,7 +220,8 @@ def _check_types(cfg: DictConfig, strict: bool = True) -> None:
     `strict` (the command line's config) also refuses keys no one reads: `+train.epoch=5`, the
     spelling Hydra's own hint suggests for a key it does not know, would otherwise be ignored. A
     checkpoint's saved config is not strict: it may hold settings of an older vae_lab."""
-    groups = {key for key in cfg if isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key]}  # a user's own group too
+    # In the config's order, so that of two faulty groups the same one is named every time; a user's own group too.
+    groups = [key for key in cfg if isinstance(cfg.get(key), DictConfig) and "_target_" in cfg[key]]
     _bind_plain(cfg, "", RunSettings, {*GROUP_BASES, *SETTINGS, *groups} if strict else None)
     for name, schema in SETTINGS.items():
         if isinstance(cfg.get(name), DictConfig):
